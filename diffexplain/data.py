@@ -4,14 +4,20 @@
 
 # %% ../nbs/00_data.ipynb #ee1b3859
 from __future__ import annotations
-import hashlib, json, os, random, tempfile
+import hashlib, json, math, os, random, tempfile
 from pathlib import Path
 import numpy as np
 import torch
+from torch.utils.data import Dataset, TensorDataset
 
 # %% auto #0
-__all__ = ['seed_everything', 'get_device', 'config_hash', 'default_cache_dir', 'cache_path', 'atomic_write', 'save_arrays',
-           'load_arrays', 'check_tensor']
+__all__ = ['SQUARE_SIZE', 'SQUARE_BORDER', 'SQUARE_IMG', 'SQUARE_POSITIONS', 'CELEBA_SPLITS', 'HIPPO_LABELS', 'seed_everything',
+           'get_device', 'config_hash', 'default_cache_dir', 'cache_path', 'atomic_write', 'save_arrays', 'load_arrays',
+           'check_tensor', 'render_ellipses', 'sample_ellipse_params', 'make_ellipses', 'split_indices',
+           'tensor_dataset', 'moment_area', 'moment_log_ar', 'render_squares', 'make_squares', 'reference_value',
+           'square_eval_grid', 'read_attr_file', 'load_face_image', 'CelebA', 'CelebAHQ', 'AgeTable',
+           'write_tiny_celeba', 'extract_hippocampus_rois', 'read_subject_table', 'load_brain_rois', 'subject_split',
+           'class_weights', 'BrainROIDataset', 'make_brain_phantoms']
 
 # %% ../nbs/00_data.ipynb #4a7dfee5
 def seed_everything(seed: int # seed for Python, NumPy and torch (CPU and CUDA)
@@ -97,3 +103,589 @@ def check_tensor(x, # array or tensor to check
         lo, hi = value_range; mn, mx = t.min().item(), t.max().item()
         if mn < lo or mx > hi: raise ValueError(f"`{name}` must lie in [{lo}, {hi}], got values in [{mn:.4g}, {mx:.4g}]")
     return x
+
+# %% ../nbs/00_data.ipynb #e8063fb2
+def render_ellipses(row, # (n,) or scalar: centre row, in output pixels (the package's convention)
+                    col, # (n,) or scalar: centre column
+                    a, # (n,) or scalar: semi-axis along direction `theta` (pixels)
+                    b, # (n,) or scalar: the other semi-axis (pixels)
+                    theta, # (n,) or scalar: angle of the `a` axis from the row axis (radians)
+                    img_size: int = 32, # output images are `img_size` × `img_size`
+                    downsample_factor: int = 4, # supersampling factor, as in `ellipse.get_ellipse`
+                    chunk: int = 256, # images rendered at once (bounds memory: ~chunk·(img_size·factor)²·8 bytes)
+                   ) -> np.ndarray: # (n, img_size, img_size) float32 in [0, 1]
+    "Vectorised `ellipse.get_ellipse`: anti-aliased filled ellipses, identical pixels for ellipses inside the image."
+    vals = [np.atleast_1d(np.asarray(v, dtype=np.float64)) for v in (row, col, a, b, theta)]
+    for nm, v in zip(("row", "col", "a", "b", "theta"), vals):
+        check_tensor(v, nm, ndim=1)
+    if (vals[2] <= 0).any() or (vals[3] <= 0).any(): raise ValueError("`a` and `b` must be positive semi-axis lengths")
+    if img_size < 1 or downsample_factor < 1: raise ValueError("`img_size` and `downsample_factor` must be >= 1")
+    row, col, a, b, theta = np.broadcast_arrays(*vals)
+    n, f, S = row.shape[0], int(downsample_factor), int(img_size); N = S*f
+    out, grid = np.empty((n, S, S), np.float32), np.arange(N)
+    for s in range(0, n, chunk):
+        sl = slice(s, s + chunk)
+        r0, c0, ra, rb = f*row[sl], f*col[sl], f*a[sl], f*b[sl]
+        rot = theta[sl] % np.pi                                   # skimage keeps rotations in [0, pi)
+        sin, cos = np.sin(rot), np.cos(rot)
+        r_ext, c_ext = np.abs(ra*cos) + rb*sin, ra*sin + np.abs(rb*cos)   # skimage's bounding box
+        ul_r, ul_c = np.ceil(r0 - r_ext).astype(np.int64), np.ceil(c0 - c_ext).astype(np.int64)
+        lr_r, lr_c = np.floor(r0 + r_ext).astype(np.int64), np.floor(c0 + c_ext).astype(np.int64)
+        # offsets from the centre, computed as skimage does: (index - upper_left) - (centre - upper_left)
+        r = (grid - ul_r[:, None]).astype(np.float64) - (r0 - ul_r)[:, None]
+        c = (grid - ul_c[:, None]).astype(np.float64) - (c0 - ul_c)[:, None]
+        sin, cos, ra, rb = (v[:, None, None] for v in (sin, cos, ra, rb))
+        d = ((r[:, :, None]*cos + c[:, None, :]*sin)/ra)**2 + ((r[:, :, None]*sin - c[:, None, :]*cos)/rb)**2
+        inside = d < 1
+        inside &= ((grid >= ul_r[:, None]) & (grid <= lr_r[:, None]))[:, :, None]
+        inside &= ((grid >= ul_c[:, None]) & (grid <= lr_c[:, None]))[:, None, :]
+        out[sl] = inside.reshape(-1, S, f, S, f).sum((2, 4))/(f*f)
+    return out
+
+# %% ../nbs/00_data.ipynb #f83d0bd0
+def sample_ellipse_params(n: int, # number of ellipses
+                          img_size: int = 32, # image side in pixels
+                          seed: int = 0, # NumPy seed; same seed, same parameters
+                          log_ar_range: tuple = (0.0, 1.5), # log(a/b) range; class boundary at its midpoint
+                          area_range: tuple|None = None, # area πab in pixels²; default (25, 120)·(img_size/32)²
+                          margin: float = 1.0, # minimal distance (pixels) between the ellipse and the image border
+                         ) -> dict: # `log_ar`, `area`, `theta`, `row`, `col`, `a`, `b` (float64) and `label` (int64)
+    "Draw ellipse parameters: uniform factors, exactly balanced classes by aspect ratio, ellipse inside the image."
+    if not (isinstance(n, (int, np.integer)) and n >= 2): raise ValueError(f"`n` must be an int >= 2, got {n!r}")
+    lo, hi = map(float, log_ar_range)
+    if not 0 <= lo < hi: raise ValueError(f"`log_ar_range` must be increasing with lo >= 0, got {log_ar_range}")
+    area_range = tuple(area_range) if area_range is not None else (25*(img_size/32)**2, 120*(img_size/32)**2)
+    if not 0 < area_range[0] < area_range[1]: raise ValueError(f"`area_range` must be increasing and positive, got {area_range}")
+    a_max = math.sqrt(area_range[1]/math.pi*math.exp(hi))
+    if img_size - 0.25 - 2*margin - 2*a_max <= 0:
+        raise ValueError(f"`img_size`={img_size} is too small for ellipses with semi-axes up to {a_max:.1f} px and margin {margin}")
+    rng = np.random.default_rng(seed); mid = (lo + hi)/2; n1 = n//2
+    log_ar = np.concatenate([rng.uniform(lo, mid, n - n1), rng.uniform(mid, hi, n1)])
+    label = np.concatenate([np.zeros(n - n1, np.int64), np.ones(n1, np.int64)])
+    perm = rng.permutation(n); log_ar, label = log_ar[perm], label[perm]
+    area, theta = rng.uniform(*area_range, n), rng.uniform(0, np.pi, n)
+    a, b = np.sqrt(area/np.pi*np.exp(log_ar)), np.sqrt(area/np.pi*np.exp(-log_ar))
+    ext_r = np.sqrt((a*np.cos(theta))**2 + (b*np.sin(theta))**2)
+    ext_c = np.sqrt((a*np.sin(theta))**2 + (b*np.cos(theta))**2)
+    # fine pixel i covers [i-1/2, i+1/2]/4: an ellipse stays inside when row-ext >= 0 and row+ext <= img_size-1/4
+    row = ext_r + margin + rng.uniform(0, 1, n)*(img_size - 0.25 - 2*margin - 2*ext_r)
+    col = ext_c + margin + rng.uniform(0, 1, n)*(img_size - 0.25 - 2*margin - 2*ext_c)
+    return dict(log_ar=log_ar, area=area, theta=theta, row=row, col=col, a=a, b=b, label=label)
+
+# %% ../nbs/00_data.ipynb #37996e2a
+def make_ellipses(n: int = 10_000, # number of images
+                  img_size: int = 32, # image side in pixels
+                  seed: int = 0, # seed of the parameter draw
+                  cache_dir: str|Path|None = None, # cache folder (default `default_cache_dir()`); False: no cache
+                  **kwargs, # passed to `sample_ellipse_params` (log_ar_range, area_range, margin); part of the cache key
+                 ) -> dict: # NumPy arrays: `images` (n,1,S,S) float32 in [0,1], factors (n,) float64, `label` (n,) int64
+    "The ellipse data set with its true factors, cached on disk (attribution paper §4.1)."
+    config = dict(kind="ellipses", version=1, n=int(n), img_size=int(img_size), seed=int(seed), **kwargs)
+    path = None
+    if cache_dir is not False:
+        path = cache_path("ellipses", config, cache_dir); path = path.with_name(path.name + ".npz")
+        if path.exists(): return load_arrays(path)
+    data = sample_ellipse_params(n, img_size, seed, **kwargs)
+    data["images"] = render_ellipses(data["row"], data["col"], data["a"], data["b"], data["theta"], img_size)[:, None]
+    if path is not None: save_arrays(path, **data)
+    return data
+
+# %% ../nbs/00_data.ipynb #50c9b1a9
+def split_indices(n: int, # number of samples
+                  seed: int = 0, # permutation seed
+                  val_frac: float = 0.1, # fraction for validation
+                  test_frac: float = 0.2, # fraction for testing
+                 ) -> dict: # `train`, `val`, `test`: sorted int64 index arrays that partition range(n)
+    "Deterministic train/val/test split of `range(n)`."
+    if not (isinstance(n, (int, np.integer)) and n > 0): raise ValueError(f"`n` must be a positive int, got {n!r}")
+    if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
+        raise ValueError(f"`val_frac` and `test_frac` must be in [0, 1) with sum < 1, got {val_frac}, {test_frac}")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test, n_val = int(round(n*test_frac)), int(round(n*val_frac))
+    if n - n_test - n_val < 1: raise ValueError(f"`n`={n} leaves no training samples with these fractions")
+    return dict(train=np.sort(perm[n_test + n_val:]), val=np.sort(perm[n_test:n_test + n_val]), test=np.sort(perm[:n_test]))
+
+# %% ../nbs/00_data.ipynb #31ea4f69
+def tensor_dataset(data: dict, # arrays from `make_ellipses` / `make_squares`
+                   keys=("images", "label"), # which arrays, in the order the dataset returns them
+                   idx=None, # optional index array (e.g. `split_indices(n)["train"]`)
+                   dtypes: dict|None = None, # optional {key: torch dtype}, e.g. {"label": torch.float32} for BCE
+                  ) -> TensorDataset:
+    "A `TensorDataset` over selected arrays of a synthetic data dict."
+    missing = [k for k in keys if k not in data]
+    if missing: raise ValueError(f"`keys` {missing} not in `data` (has {sorted(data)})")
+    n = len(data[keys[0]])
+    if any(len(data[k]) != n for k in keys): raise ValueError(f"arrays {list(keys)} in `data` have different lengths")
+    ts = []
+    for k in keys:
+        t = torch.as_tensor(np.asarray(data[k]) if idx is None else np.asarray(data[k])[np.asarray(idx)])
+        if dtypes and k in dtypes: t = t.to(dtypes[k])
+        ts.append(t)
+    return TensorDataset(*ts)
+
+# %% ../nbs/00_data.ipynb #5c47dede
+def _check_images(images, name="images"):
+    x = torch.as_tensor(images) if not torch.is_tensor(images) else images
+    check_tensor(x, name, ndim=(3, 4))
+    if x.ndim == 4:
+        if x.shape[1] != 1: raise ValueError(f"`{name}` must have one channel, shape (n, 1, H, W) or (n, H, W); got {tuple(x.shape)}")
+        x = x[:, 0]
+    if not x.is_floating_point(): x = x.float()
+    return x
+
+def _nonneg(x):
+    "max(x, 0) in the forward pass, identity gradient (straight-through) in the backward pass."
+    return x + (x.clamp(min=0) - x).detach()
+
+def moment_area(images, # (n, 1, H, W) or (n, H, W) intensities in [0, 1] (tensor or array)
+               ) -> torch.Tensor: # (n,) total intensity = area in pixels² for a white shape on black
+    "Differentiable ellipse size feature: the sum of intensities (negative ones counted as 0)."
+    return _nonneg(_check_images(images)).sum((-2, -1))
+
+def moment_log_ar(images, # (n, 1, H, W) or (n, H, W) intensities in [0, 1] (tensor or array)
+                  eps: float = 1e-12, # added under the square root (finite gradient for circles)
+                 ) -> torch.Tensor: # (n,) ½·log(λ1/λ2) ≈ log(a/b) of the intensity second-moment matrix
+    "Differentiable log aspect ratio of the intensity distribution of each image."
+    x = _nonneg(_check_images(images)); H, W = x.shape[-2:]
+    r = torch.arange(H, dtype=x.dtype, device=x.device)[:, None]; c = torch.arange(W, dtype=x.dtype, device=x.device)[None]
+    m = x.sum((-2, -1))
+    if (m <= 0).any(): raise ValueError("`images` contains an image with no positive intensity; its moments are undefined")
+    mr, mc = (x*r).sum((-2, -1))/m, (x*c).sum((-2, -1))/m
+    dr, dc = r - mr[:, None, None], c - mc[:, None, None]
+    srr, scc, src = [(x*u*v).sum((-2, -1))/m for u, v in ((dr, dr), (dc, dc), (dr, dc))]
+    half, disc = (srr + scc)/2, torch.sqrt(((srr - scc)/2)**2 + src**2 + eps)
+    return 0.5*torch.log((half + disc)/(half - disc))
+
+# %% ../nbs/00_data.ipynb #dc1f7db9
+SQUARE_SIZE, SQUARE_BORDER, SQUARE_IMG = 8, 2, 64
+SQUARE_POSITIONS = SQUARE_IMG - SQUARE_SIZE - 2*SQUARE_BORDER   # 52 top-left positions per axis
+
+def render_squares(a, # (n,) red intensity of the inner square, 0..255
+                   background, # (n,) grey level of the background, 0..255
+                   row, # (n,) int top-left row of the 12×12 bordered block, 0..52
+                   col, # (n,) int top-left column of the block, 0..52
+                   noise, # (n, 3, 64, 64) Gaussian noise on the 0..255 scale (σ = 20 in the paper)
+                  ) -> tuple: # images (n, 3, 64, 64) uint8 and mask (n, 1, 64, 64) bool of the 8×8 square
+    "Draw square images from their factors and a given noise field (the authors' `latent_to_square_image`, batched)."
+    a, background = np.asarray(a, np.float32), np.asarray(background, np.float32)
+    row, col = np.asarray(row), np.asarray(col)
+    n = len(a)
+    for nm, v in (("a", a), ("background", background), ("row", row), ("col", col)):
+        check_tensor(v, nm, shape=(n,))
+    check_tensor(noise, "noise", shape=(n, 3, SQUARE_IMG, SQUARE_IMG))
+    check_tensor(a, "a", value_range=(0, 255)); check_tensor(background, "background", value_range=(0, 255))
+    check_tensor(row, "row", value_range=(0, SQUARE_POSITIONS)); check_tensor(col, "col", value_range=(0, SQUARE_POSITIONS))
+    k = np.arange(SQUARE_IMG); B, S = SQUARE_BORDER, SQUARE_SIZE + 2*SQUARE_BORDER
+    def span(p, lo, hi): return (k >= p[:, None] + lo) & (k < p[:, None] + hi)                # (n, 64)
+    block = span(row, 0, S)[:, :, None] & span(col, 0, S)[:, None, :]                          # (n, 64, 64)
+    inner = span(row, B, S - B)[:, :, None] & span(col, B, S - B)[:, None, :]
+    img = np.empty((n, 3, SQUARE_IMG, SQUARE_IMG), np.float32)
+    grey = np.where(block, np.float32(127), background[:, None, None])
+    img[:, 0] = np.where(inner, a[:, None, None], grey)
+    img[:, 1] = np.where(inner, np.float32(0), grey); img[:, 2] = img[:, 1]
+    img += noise; np.clip(img, 0, 255, out=img)
+    return img.astype(np.uint8), inner[:, None]                                                # truncation, as the authors
+
+# %% ../nbs/00_data.ipynb #784bdc83
+def _square_dict(a, bg, row, col, noise_rng, chunk=1000):
+    n = len(a); images = np.empty((n, 3, SQUARE_IMG, SQUARE_IMG), np.float32)
+    mask = np.empty((n, 1, SQUARE_IMG, SQUARE_IMG), bool)
+    for s in range(0, n, chunk):
+        sl = slice(s, s + chunk); m = len(a[sl])
+        noise = noise_rng.standard_normal((m, 3, SQUARE_IMG, SQUARE_IMG), dtype=np.float32)*20
+        img, mask[sl] = render_squares(a[sl], bg[sl], row[sl], col[sl], noise)
+        np.divide(img, np.float32(255), out=images[sl])
+    return dict(images=images, target=a/255, background=bg/255, row=row.astype(np.int64), col=col.astype(np.int64), mask=mask)
+
+def make_squares(n: int = 16_000, # number of images (the paper's training set has 16,000)
+                 seed: int = 0, # NumPy seed of colours, positions and noise
+                ) -> dict: # `images` (n,3,64,64) float32 in [0,1], `target`=a/255, `background`=b/255, `row`, `col`, `mask` (n,1,64,64) bool
+    "The square training set of the regression paper, with its factors and the 8×8 square's mask."
+    if not (isinstance(n, (int, np.integer)) and n >= 1): raise ValueError(f"`n` must be a positive int, got {n!r}")
+    rng = np.random.default_rng(seed); i = np.arange(n); half = SQUARE_POSITIONS//2
+    def pick(high, lo_range, hi_range):                       # integer draw from one of two ranges per sample
+        return np.where(high, rng.integers(*hi_range, n), rng.integers(*lo_range, n))
+    a = pick(i % 2 == 0, (0, 128), (128, 256)).astype(np.float64)
+    bg = pick((i//2) % 2 == 0, (0, 128), (128, 256)).astype(np.float64)
+    row = pick((i//4) % 2 == 0, (0, half), (half, SQUARE_POSITIONS))
+    col = pick((i//8) % 2 == 0, (0, half), (half, SQUARE_POSITIONS))
+    return _square_dict(a, bg, row, col, rng)
+
+# %% ../nbs/00_data.ipynb #bb9cccf1
+def reference_value(target, # red intensity a/255 in [0, 1] (float, array or tensor)
+                   ): # same type and shape: the mirrored intensity (a ± 128)/255
+    "The regression paper's reference value for a square: the red level 128 steps away, wrapping within [0, 255]."
+    t = target if torch.is_tensor(target) else np.asarray(target, dtype=np.float64)
+    check_tensor(t, "target", value_range=(0, 1))
+    a = (t*255).round()
+    r = (torch.where(a <= 127, a + 128, a - 128) if torch.is_tensor(t) else np.where(a <= 127, a + 128, a - 128))/255
+    return r if (torch.is_tensor(target) or np.ndim(target)) else float(r)
+
+def square_eval_grid(seed: int = 0, # seed of the noise (shared by each dark/bright pair)
+                    ) -> dict: # as `make_squares` (630 images) plus `reference` (n,)
+    "The regression paper's square evaluation grid: 3×3 positions × 5 colours × 7 backgrounds, dark and bright."
+    pos = np.linspace(0, SQUARE_POSITIONS, 3, dtype=int); inner = np.linspace(0, 127, 5, dtype=int)
+    bgs = np.linspace(0, 255, 7, dtype=int)
+    row, col, a, bg = (g.ravel() for g in np.meshgrid(pos, pos, inner, bgs, indexing="ij"))
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal((len(a), 3, SQUARE_IMG, SQUARE_IMG), dtype=np.float32)*20
+    parts = []
+    for aa in (a, a + 128):
+        img, mask = render_squares(aa.astype(np.float64), bg.astype(np.float64), row, col, noise)
+        parts.append(dict(images=img/np.float32(255), target=aa/255, background=bg/255, row=row.astype(np.int64),
+                          col=col.astype(np.int64), mask=mask))
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    out["reference"] = reference_value(out["target"])
+    return out
+
+# %% ../nbs/00_data.ipynb #f2a4343d
+CELEBA_SPLITS = {"train": 0, "valid": 1, "val": 1, "test": 2}
+
+def _require(root, items, what):
+    "Raise FileNotFoundError listing every expected item of `what` that is missing under `root`."
+    root = Path(root); missing = [f"  {root/p}{'/' if d else ''}  ({desc})" for p, d, desc in items
+                                  if not ((root/p).is_dir() if d else (root/p).is_file())]
+    if missing:
+        want = "\n".join(f"  {root/p}{'/' if d else ''}  ({desc})" for p, d, desc in items)
+        raise FileNotFoundError(f"{what} not found: missing\n" + "\n".join(missing) +
+                                f"\n{what} expects (nothing is downloaded):\n{want}")
+
+def read_attr_file(path: str|Path, # `list_attr_celeba.txt` or `CelebAMask-HQ-attribute-anno.txt`
+                  ) -> tuple: # (file names list, attribute names list, (n, 40) int64 array of 0/1)
+    "Parse a CelebA-style attribute file (count line, names line, `file ±1 …` lines)."
+    lines = Path(path).read_text().splitlines()
+    if len(lines) < 2: raise ValueError(f"{path} is not a CelebA attribute file (needs a count line and a names line)")
+    names = lines[1].split(); files, vals = [], []
+    for i, line in enumerate(lines[2:], 3):
+        parts = line.split()
+        if not parts: continue
+        if len(parts) != len(names) + 1: raise ValueError(f"{path}:{i}: expected a file name and {len(names)} values, got {len(parts)} fields")
+        files.append(parts[0]); vals.append([int(v) for v in parts[1:]])
+    v = np.array(vals, dtype=np.int64).reshape(-1, len(names))
+    if not np.isin(v, (-1, 0, 1)).all(): raise ValueError(f"{path}: attribute values must be -1/1 (or 0/1)")
+    return files, names, (v > 0).astype(np.int64)
+
+def load_face_image(path: str|Path, # image file (any format PIL reads)
+                    size: int, # output side
+                   ) -> torch.Tensor: # (3, size, size) float32 in [0, 1]
+    "Read an RGB image, centre-crop it to a square and resize it (antialiased)."
+    from PIL import Image
+    import torchvision.transforms.v2.functional as TF
+    with Image.open(path) as im: x = TF.pil_to_tensor(im.convert("RGB"))
+    s = min(x.shape[-2:]); x = TF.center_crop(x, [s, s])
+    return TF.resize(x, [size, size], antialias=True).float()/255
+
+# %% ../nbs/00_data.ipynb #f725a0a9
+class _AttrFaces(Dataset):
+    "Images of one folder + 0/1 attribute vectors; subclasses set the layout."
+    def _setup(self, files, names, values, img_dir, size, attrs):
+        if attrs is not None:
+            attrs = [attrs] if isinstance(attrs, str) else list(attrs)
+            bad = [a for a in attrs if a not in names]
+            if bad: raise ValueError(f"`attrs` {bad} are not attributes of this file; choose from {names}")
+            values = values[:, [names.index(a) for a in attrs]]; names = attrs
+        if not len(files): raise ValueError("this split of the dataset is empty")
+        self.files, self.attr_names, self.attrs, self.img_dir, self.size = files, names, torch.tensor(values), img_dir, size
+    def __len__(self): return len(self.files)
+    def __getitem__(self, i):
+        p = self.img_dir/self.files[i]
+        if not p.is_file(): raise FileNotFoundError(f"image {p} listed in the attribute file is missing")
+        return load_face_image(p, self.size), self.attrs[i].float()
+
+class CelebA(_AttrFaces):
+    "CelebA (aligned) from a local folder: (image (3,size,size) in [0,1], attributes (k,) 0/1 float)."
+    def __init__(self, root: str|Path, # folder holding img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt
+                 split: str = "train", # "train", "valid"/"val", "test" or "all"
+                 size: int = 128, # output side after the square centre crop
+                 attrs=None, # None (all 40) or attribute name(s), e.g. "Male"
+                ):
+        root = Path(root)
+        _require(root, [("img_align_celeba", True, "the 202,599 aligned JPEGs 000001.jpg ..."),
+                        ("list_attr_celeba.txt", False, "40 attributes per image, values -1/1"),
+                        ("list_eval_partition.txt", False, "`file split` lines, 0/1/2 = train/valid/test")], "CelebA")
+        if split != "all" and split not in CELEBA_SPLITS:
+            raise ValueError(f"`split` must be one of {sorted(CELEBA_SPLITS) + ['all']}, got {split!r}")
+        files, names, vals = read_attr_file(root/"list_attr_celeba.txt")
+        if split != "all":
+            part = dict(l.split()[:2] for l in (root/"list_eval_partition.txt").read_text().splitlines() if l.strip())
+            keep = [i for i, f in enumerate(files) if int(part.get(f, -1)) == CELEBA_SPLITS[split]]
+            files, vals = [files[i] for i in keep], vals[keep]
+        self._setup(files, names, vals, root/"img_align_celeba", size, attrs)
+
+class CelebAHQ(_AttrFaces):
+    "CelebA-HQ (CelebAMask-HQ layout) from a local folder: (image (3,size,size) in [0,1], attributes (k,) 0/1 float)."
+    def __init__(self, root: str|Path, # folder holding CelebA-HQ-img/ and CelebAMask-HQ-attribute-anno.txt
+                 split: str = "all", # "all", or "train"/"val"/"test" from `split_indices(n, seed)`
+                 size: int = 256, # output side
+                 attrs=None, # None (all 40) or attribute name(s)
+                 seed: int = 0, # seed of the split
+                ):
+        root = Path(root)
+        _require(root, [("CelebA-HQ-img", True, "the 30,000 images 0.jpg ... 29999.jpg"),
+                        ("CelebAMask-HQ-attribute-anno.txt", False, "40 attributes per image, values -1/1")], "CelebA-HQ")
+        files, names, vals = read_attr_file(root/"CelebAMask-HQ-attribute-anno.txt")
+        if split != "all":
+            if split not in ("train", "val", "test"): raise ValueError(f"`split` must be 'all', 'train', 'val' or 'test', got {split!r}")
+            keep = split_indices(len(files), seed)[split]; files, vals = [files[i] for i in keep], vals[keep]
+        self._setup(files, names, vals, root/"CelebA-HQ-img", size, attrs)
+
+# %% ../nbs/00_data.ipynb #06ec66ee
+class AgeTable(Dataset):
+    "Face images with ages from a CSV (IMDB-WIKI-clean style): (image (3,size,size) in [0,1], age/100 float)."
+    def __init__(self, csv: str|Path, # table with one row per image
+                 root: str|Path|None = None, # folder the image paths are relative to (default: the CSV's folder)
+                 size: int = 256, # output side
+                 path_col: str|None = None, # image path column; default: the first of path/full_path/filename/image
+                 age_col: str = "age", # age column, in years
+                ):
+        import pandas as pd
+        csv = Path(csv)
+        if not csv.is_file():
+            raise FileNotFoundError(f"age table {csv} not found: expected a CSV with an image-path column "
+                                    f"(path/full_path/filename/image) and an `{age_col}` column (nothing is downloaded)")
+        df = pd.read_csv(csv)
+        if path_col is None:
+            path_col = next((c for c in ("path", "full_path", "filename", "image") if c in df.columns), None)
+        if path_col is None or path_col not in df.columns or age_col not in df.columns:
+            raise ValueError(f"{csv} needs an image-path column and `{age_col}`; it has columns {list(df.columns)}")
+        df = df.dropna(subset=[path_col, age_col])
+        if not len(df): raise ValueError(f"{csv} has no rows with both an image path and an age")
+        age = df[age_col].to_numpy(dtype=np.float64)
+        if (age < 0).any() or (age > 120).any(): raise ValueError(f"`{age_col}` in {csv} must be ages in years in [0, 120]")
+        self.root = Path(root) if root is not None else csv.parent
+        self.paths, self.age, self.size = df[path_col].astype(str).tolist(), torch.tensor(age/100, dtype=torch.float32), size
+        missing = [p for p in self.paths[:1000] if not (self.root/p).is_file()]
+        if missing: raise FileNotFoundError(f"{len(missing)} images of {csv} are missing under {self.root}, e.g. {self.root/missing[0]}")
+    def __len__(self): return len(self.paths)
+    def __getitem__(self, i): return load_face_image(self.root/self.paths[i], self.size), self.age[i]
+
+# %% ../nbs/00_data.ipynb #b1a04a1f
+def write_tiny_celeba(root: str|Path, # folder to create
+                      n: int = 5, # number of images
+                      hq: bool = False, # CelebA-HQ layout instead of CelebA
+                      seed: int = 0, # image/attribute seed
+                      img_shape: tuple = (218, 178), # (H, W) of the written images (CelebA's aligned size)
+                     ) -> Path:
+    "Write a tiny fake CelebA / CelebA-HQ folder in the published layout (for tests and smoke runs)."
+    from PIL import Image
+    root = Path(root); rng = np.random.default_rng(seed)
+    names = ["5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips",
+             "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby", "Double_Chin",
+             "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open",
+             "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline",
+             "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat",
+             "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young"]
+    img_dir = root/("CelebA-HQ-img" if hq else "img_align_celeba"); img_dir.mkdir(parents=True, exist_ok=True)
+    files = [f"{i}.jpg" if hq else f"{i + 1:06d}.jpg" for i in range(n)]
+    vals = rng.choice([-1, 1], size=(n, 40))
+    for f in files: Image.fromarray(rng.integers(0, 256, (*img_shape, 3), dtype=np.uint8)).save(img_dir/f)
+    lines = [str(n), " ".join(names)] + [f + "  " + " ".join(f"{v:2d}" for v in row) for f, row in zip(files, vals)]
+    (root/("CelebAMask-HQ-attribute-anno.txt" if hq else "list_attr_celeba.txt")).write_text("\n".join(lines) + "\n")
+    if not hq: (root/"list_eval_partition.txt").write_text("".join(f"{f} {0 if i < 3 else i - 2}\n" for i, f in enumerate(files)))
+    return root
+
+# %% ../nbs/00_data.ipynb #f4e0ddfd
+HIPPO_LABELS = {"left": 17, "right": 53}
+
+def _ball(radius):
+    r = np.arange(-radius, radius + 1); return (r[:, None, None]**2 + r[None, :, None]**2 + r[None, None, :]**2) <= radius**2
+
+def _crop(vol, centre, size, fill):
+    "size³ crop of `vol` centred on `centre` (voxel index), padding with `fill` where it leaves the volume."
+    out = np.full((size,)*3, fill, dtype=vol.dtype); lo = np.asarray(centre) - size//2
+    src = tuple(slice(max(l, 0), min(l + size, s)) for l, s in zip(lo, vol.shape))
+    dst = tuple(slice(sl.start - l, sl.stop - l) for sl, l in zip(src, lo))
+    out[dst] = vol[src]; return out
+
+def extract_hippocampus_rois(t1, # (X, Y, Z) T1 intensities in RAS+ orientation (axis 0 left→right)
+                             aseg, # (X, Y, Z) int FreeSurfer labels, same grid
+                             zooms=(1.0, 1.0, 1.0), # voxel size in mm (from the NIfTI header)
+                             size: int = 64, # ROI side in voxels
+                             dilate: int = 2, # radius (voxels) of the dilated hippocampus mask
+                            ) -> dict: # `image` (2,size,size,size) float32 in [0,1], `mask`, `mask_dilated` (2,...) bool, `volume` (2,) mm³
+    "Left and mirrored right hippocampus ROIs of one subject, normalised by the 10th/90th percentiles."
+    from scipy.ndimage import binary_dilation
+    t1, aseg = np.ascontiguousarray(t1), np.ascontiguousarray(aseg)
+    check_tensor(t1, "t1", ndim=3); check_tensor(aseg, "aseg", ndim=3)
+    if t1.shape != aseg.shape: raise ValueError(f"`t1` {t1.shape} and `aseg` {aseg.shape} must have the same shape")
+    zooms = np.asarray(zooms, dtype=np.float64)
+    if zooms.shape != (3,) or (zooms <= 0).any(): raise ValueError(f"`zooms` must be 3 positive voxel sizes, got {zooms}")
+    out = {k: [] for k in ("image", "mask", "mask_dilated", "volume")}
+    for side, lab in HIPPO_LABELS.items():
+        m = aseg == lab
+        if not m.any(): raise ValueError(f"`aseg` has no {side} hippocampus (label {lab}); labels present: {np.unique(aseg)[:20].tolist()}")
+        centre = np.round(np.argwhere(m).mean(0)).astype(int)
+        img = _crop(t1.astype(np.float32), centre, size, float(t1.min())); msk = _crop(m, centre, size, False)
+        if side == "right": img, msk = img[::-1].copy(), msk[::-1].copy()      # sagittal mirror
+        p10, p90 = np.percentile(img, [10, 90])
+        img = np.clip((img - p10)/max(p90 - p10, 1e-8), 0, 1).astype(np.float32)
+        out["image"].append(img); out["mask"].append(msk)
+        out["mask_dilated"].append(binary_dilation(msk, structure=_ball(dilate)) if dilate > 0 else msk)
+        out["volume"].append(m.sum()*zooms.prod())
+    return {k: np.stack(v) for k, v in out.items()}
+
+# %% ../nbs/00_data.ipynb #2ca64189
+def _load_canonical(path, name):
+    import nibabel as nib
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"{name} file {path} not found")
+    img = nib.as_closest_canonical(nib.load(str(path)))
+    return np.ascontiguousarray(np.asarray(img.dataobj)), tuple(float(z) for z in img.header.get_zooms()[:3])
+
+def read_subject_table(table: str|Path, # CSV with `subject`, `diagnosis` (CN/AD) and optional `t1`, `aseg` columns
+                      ):  # pandas DataFrame with absolute `t1`, `aseg` paths and `label` (AD=1, CN=0)
+    "Read and validate an OASIS-3-style subject table."
+    import pandas as pd
+    table = Path(table)
+    if not table.is_file():
+        raise FileNotFoundError(f"subject table {table} not found: expected a CSV with columns subject, diagnosis (CN/AD) "
+                                "and optional t1, aseg paths (default <subject>/T1.nii.gz and <subject>/aseg.nii.gz next to it)")
+    df = pd.read_csv(table, dtype={"subject": str})
+    miss = {"subject", "diagnosis"} - set(df.columns)
+    if miss: raise ValueError(f"{table} lacks columns {sorted(miss)}; it has {list(df.columns)}")
+    diag = df["diagnosis"].astype(str).str.strip().str.upper()
+    bad = sorted(set(diag) - {"CN", "AD"})
+    if bad: raise ValueError(f"`diagnosis` in {table} must be CN or AD, found {bad}")
+    df["label"] = (diag == "AD").astype(np.int64)
+    for cls, name in ((0, "CN"), (1, "AD")):
+        if not (df["label"] == cls).any(): raise ValueError(f"{table} has no {name} subjects: both classes are needed")
+    for col, default in (("t1", "T1.nii.gz"), ("aseg", "aseg.nii.gz")):
+        rel = df[col].astype(str) if col in df.columns else df["subject"] + "/" + default
+        df[col] = [str(table.parent/p) for p in rel]
+    return df
+
+def load_brain_rois(table: str|Path, # subject table (see `read_subject_table`)
+                    size: int = 64, # ROI side in voxels
+                    cache_dir: str|Path|None|bool = None, # cache folder (default `default_cache_dir()`); False: no cache
+                   ) -> dict: # `image` (2N,1,s,s,s) float32, `mask`, `mask_dilated` (2N,1,s,s,s) bool, `volume` (2N,) mm³, `label`, `subject`, `hemisphere` (0 left, 1 right)
+    "Hippocampus ROIs of every subject in a table, cached."
+    from tqdm.auto import tqdm
+    df = read_subject_table(table)
+    missing = [p for p in list(df["t1"]) + list(df["aseg"]) if not Path(p).is_file()]
+    if missing: raise FileNotFoundError(f"{len(missing)} NIfTI files listed in {table} are missing, e.g. {missing[:3]}")
+    stamp = [(p, os.path.getmtime(p)) for p in df["t1"]] + [(p, os.path.getmtime(p)) for p in df["aseg"]]
+    path = None
+    if cache_dir is not False:
+        path = cache_path("brain-rois", dict(table=str(Path(table).resolve()), size=size, files=config_hash({"f": stamp})), cache_dir)
+        path = path.with_name(path.name + ".npz")
+        if path.exists(): return load_arrays(path)
+    parts = []
+    for row in tqdm(df.itertuples(), total=len(df), desc="brain ROIs"):
+        t1, z = _load_canonical(row.t1, "T1"); seg, _ = _load_canonical(row.aseg, "aseg")
+        try: r = extract_hippocampus_rois(t1, np.round(seg).astype(np.int32), z, size)
+        except ValueError as e: raise ValueError(f"subject {row.subject}: {e}") from None
+        parts.append(r)
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    for k in ("image", "mask", "mask_dilated"): out[k] = out[k][:, None]
+    out["label"] = np.repeat(df["label"].to_numpy(np.int64), 2)
+    out["subject"] = np.repeat(df["subject"].to_numpy().astype(str), 2)
+    out["hemisphere"] = np.tile(np.array([0, 1], np.int64), len(df))
+    if path is not None: save_arrays(path, **out)
+    return out
+
+# %% ../nbs/00_data.ipynb #db90153c
+def subject_split(subject, # (m,) subject id of each ROI
+                  label, # (m,) class of each ROI (constant within a subject)
+                  test_frac: float = 0.2, # fraction of subjects (per class) in the test set
+                  val_frac: float = 0.0, # fraction of subjects (per class) in the validation set
+                  seed: int = 0, # permutation seed
+                 ) -> dict: # `train`, `val`, `test`: sorted ROI index arrays; no subject is in two of them
+    "Stratified subject-level split of ROI indices."
+    subject, label = np.asarray(subject).astype(str), np.asarray(label)
+    if subject.shape != label.shape or subject.ndim != 1: raise ValueError("`subject` and `label` must be 1-d arrays of the same length")
+    if not (0 <= test_frac < 1 and 0 <= val_frac < 1 and test_frac + val_frac < 1):
+        raise ValueError(f"`test_frac`, `val_frac` must be in [0, 1) with sum < 1, got {test_frac}, {val_frac}")
+    subs, first = np.unique(subject, return_index=True); sub_lab = label[first]
+    if any(len(np.unique(label[subject == s])) > 1 for s in subs): raise ValueError("`label` differs between ROIs of one subject")
+    rng = np.random.default_rng(seed); parts = {"train": [], "val": [], "test": []}
+    for cls in np.unique(sub_lab):
+        ss = rng.permutation(subs[sub_lab == cls])
+        nt, nv = (int(np.floor(len(ss)*f + 0.5)) for f in (test_frac, val_frac))     # round half up
+        if test_frac > 0 and len(ss) >= 2: nt = max(nt, 1)                           # every class is tested
+        parts["test"] += list(ss[:nt]); parts["val"] += list(ss[nt:nt + nv]); parts["train"] += list(ss[nt + nv:])
+    return {k: np.sort(np.flatnonzero(np.isin(subject, v))) for k, v in parts.items()}
+
+def class_weights(label, # (m,) int class labels
+                 ) -> torch.Tensor: # (m,) float64 per-sample weights 1/count(class), for `WeightedRandomSampler`
+    "Inverse-frequency sample weights; raises when a class is empty."
+    label = np.asarray(label); check_tensor(label, "label", ndim=1)
+    if not len(label): raise ValueError("`label` is empty")
+    counts = np.bincount(label.astype(np.int64))
+    if (counts == 0).any(): raise ValueError(f"`label` has an empty class: counts per class {counts.tolist()}")
+    return torch.tensor(1.0/counts[label], dtype=torch.float64)
+
+class BrainROIDataset(Dataset):
+    "ROIs as (image (1,s,s,s), target) pairs, optionally ×`n_aug` random rotations ≤ `max_deg` per axis."
+    def __init__(self, data: dict, # output of `load_brain_rois`
+                 idx=None, # ROI indices (e.g. a split); default all
+                 target: str = "label", # "label" or "volume" (or any per-ROI array of `data`)
+                 n_aug: int = 1, # copies per ROI; >1 applies a random rotation to each (the paper: 10)
+                 max_deg: float = 10.0, # rotation angles ~ U(-max_deg, max_deg) degrees about each axis
+                 seed: int = 0, # seed of the rotation angles
+                 with_masks: bool = False, # also return the (rotated) mask and dilated mask
+                ):
+        self.data, self.idx = data, np.arange(len(data["image"])) if idx is None else np.asarray(idx)
+        if target not in data: raise ValueError(f"`target`={target!r} is not in `data` ({sorted(data)})")
+        if n_aug < 1: raise ValueError("`n_aug` must be >= 1")
+        self.target, self.n_aug, self.max_rad, self.seed, self.with_masks = target, n_aug, np.deg2rad(max_deg), seed, with_masks
+    def __len__(self): return len(self.idx)*self.n_aug
+    def __getitem__(self, i):
+        from monai.transforms import Rotate
+        j = self.idx[i // self.n_aug]
+        img = torch.as_tensor(self.data["image"][j]).float()
+        ms = [torch.as_tensor(self.data[k][j]).float() for k in ("mask", "mask_dilated")] if self.with_masks else []
+        if self.n_aug > 1:
+            ang = np.random.default_rng([self.seed, int(i)]).uniform(-self.max_rad, self.max_rad, 3)
+            img = Rotate(ang, mode="bilinear", padding_mode="border")(img).as_tensor().clamp(0, 1)
+            ms = [Rotate(ang, mode="nearest", padding_mode="zeros")(m).as_tensor() for m in ms]
+        y = torch.as_tensor(self.data[self.target][j])
+        return (img, *[m > 0.5 for m in ms], y)
+
+# %% ../nbs/00_data.ipynb #9cfe4450
+def make_brain_phantoms(out_dir: str|Path, # folder to write `<subject>/T1.nii.gz`, `<subject>/aseg.nii.gz`, `subjects.csv`
+                        n_subjects: int = 8, # number of subjects (>= 2; a quarter, at least one, are AD)
+                        seed: int = 0, # seed of sizes and noise
+                        shape: tuple = (80, 96, 80), # volume shape (x: left→right, y: posterior→anterior, z: inferior→superior)
+                        voxel_size: tuple = (1.0, 1.0, 1.0), # mm per voxel (written to the header)
+                       ) -> Path: # path of the subject table (`subject`, `diagnosis`, `t1`, `aseg`, `volume_left_mm3`, `volume_right_mm3`)
+    "Write synthetic OASIS-3-style subjects with hippocampi of known volume; AD subjects have the smallest ones."
+    import nibabel as nib, pandas as pd
+    if not (isinstance(n_subjects, (int, np.integer)) and n_subjects >= 2): raise ValueError(f"`n_subjects` must be an int >= 2, got {n_subjects!r}")
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 32: raise ValueError(f"`shape` must be 3 sizes >= 32, got {shape}")
+    vs = np.asarray(voxel_size, dtype=np.float64)
+    if vs.shape != (3,) or (vs <= 0).any(): raise ValueError(f"`voxel_size` must be 3 positive numbers, got {voxel_size}")
+    out_dir = Path(out_dir); rng = np.random.default_rng(seed)
+    X, Y, Z = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
+    cx, cy, cz = [(s - 1)/2 for s in shape]
+    def ell(c, r): return ((X - c[0])/r[0])**2 + ((Y - c[1])/r[1])**2 + ((Z - c[2])/r[2])**2 < 1
+    head_r = np.array([0.46*shape[0], 0.46*shape[1], 0.46*shape[2]])
+    head, brain, wm = ell((cx, cy, cz), head_r), ell((cx, cy, cz), head_r - 3), ell((cx, cy, cz + 4), 0.6*head_r)
+    scale = rng.uniform(0.7, 1.15, n_subjects)
+    n_ad = max(1, int(round(0.25*n_subjects))); ad = np.zeros(n_subjects, bool); ad[np.argsort(scale)[:n_ad]] = True
+    rows = []
+    for i in range(n_subjects):
+        sub = f"sub-{i:04d}"; (out_dir/sub).mkdir(parents=True, exist_ok=True)
+        seg = np.zeros(shape, np.int16); left = X < cx
+        seg[brain] = np.where(left, 3, 42)[brain]; seg[wm] = np.where(left, 2, 41)[wm]
+        vols = []
+        for side, sign, lab, vent in (("left", -1, 17, 4), ("right", 1, 53, 43)):
+            s = scale[i]*rng.uniform(0.95, 1.05)
+            c = (cx + sign*0.2*shape[0], cy + 0.05*shape[1], cz - 0.12*shape[2])
+            seg[ell((c[0] - sign*2, c[1] + 2, c[2] + 7), (2.5, 9, 3))] = vent
+            hip = ell(c, (3.5*s, 11*s, 4*s)); seg[hip] = lab; vols.append(hip.sum()*vs.prod())
+        t1 = np.zeros(shape, np.float32)
+        t1[head] = 0.35; t1[brain] = 0.55; t1[np.isin(seg, (2, 41))] = 0.85; t1[np.isin(seg, (4, 43))] = 0.12
+        t1[np.isin(seg, (17, 53))] = 0.6
+        t1 = np.clip(t1 + rng.normal(0, 0.03, shape).astype(np.float32), 0, None)*1000
+        affine = np.diag([*vs, 1.0]); data_t1, data_seg = t1, seg
+        if i % 2:                                               # LAS: x flipped in data and affine
+            affine = affine.copy(); affine[0, 0] = -vs[0]; affine[0, 3] = vs[0]*(shape[0] - 1)
+            data_t1, data_seg = t1[::-1].copy(), seg[::-1].copy()
+        nib.save(nib.Nifti1Image(data_t1, affine), str(out_dir/sub/"T1.nii.gz"))
+        nib.save(nib.Nifti1Image(data_seg, affine), str(out_dir/sub/"aseg.nii.gz"))
+        rows.append(dict(subject=sub, diagnosis="AD" if ad[i] else "CN", t1=f"{sub}/T1.nii.gz", aseg=f"{sub}/aseg.nii.gz",
+                         volume_left_mm3=vols[0], volume_right_mm3=vols[1]))
+    table = out_dir/"subjects.csv"
+    atomic_write(table, lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
+    return table
