@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 # %% auto #0
-__all__ = ['PROFILES', 'PAPER', 'check_profile', 'compare_with_paper', 'save_table', 'save_figure', 'run_record']
+__all__ = ['PROFILES', 'PAPER', 'check_profile', 'compare_with_paper', 'save_figure', 'run_record']
 
 # %% ../nbs/07_reproduce.ipynb #f98ea44d
 PROFILES = ("smoke", "quick", "paper")
@@ -58,18 +58,6 @@ def compare_with_paper(ours: dict, # name -> our number
     return df
 
 # %% ../nbs/07_reproduce.ipynb #e2a510c8
-def save_table(df: pd.DataFrame, # the table
-               out_dir: str|Path, # folder for results
-               name: str, # file stem, e.g. "table1"
-               float_format: str = "%.4g",
-              ) -> tuple[Path, Path]: # (csv path, markdown path)
-    "Write a table as CSV and as a markdown table."
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    csv, md = out/f"{name}.csv", out/f"{name}.md"
-    df.to_csv(csv, float_format=float_format)
-    md.write_text(df.to_markdown(floatfmt=float_format.strip("%")) + "\n")
-    return csv, md
-
 def save_figure(fig, # matplotlib Figure
                 out_dir: str|Path, name: str, dpi: int = 100) -> Path:
     "Save a figure as PNG at modest resolution (small files; results are committed)."
