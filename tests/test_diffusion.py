@@ -1,0 +1,182 @@
+"""Tests for diffexplain.diffusion: schedule, U-Nets, sampling, the resumable training loop (with a real SIGKILL),
+the ellipse quality check, the diffusion autoencoder and 3D latent diffusion at tiny sizes."""
+import os, signal, subprocess, sys, textwrap, time, json
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+from skimage.draw import ellipse as sk_ellipse
+
+from diffexplain.data import seed_everything
+from diffexplain import diffusion as D
+
+
+def toy_ellipses(n, size=16, seed=0):
+    "Fixture: anti-aliased filled ellipses in [0,1] (4x supersampled)."
+    rng = np.random.default_rng(seed); s = 4*size; out = np.zeros((n, 1, size, size), np.float32)
+    for i in range(n):
+        b = rng.uniform(size/12, size/6); a = b*np.exp(rng.uniform(0.1, 1.0)); th = rng.uniform(0, np.pi)
+        r, c = rng.uniform(a+1, size-a-1, 2)
+        img = np.zeros((s, s), np.float32); rr, cc = sk_ellipse(4*r, 4*c, 4*a, 4*b, shape=img.shape, rotation=th); img[rr, cc] = 1
+        out[i, 0] = img.reshape(size, 4, size, 4).mean((1, 3))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ellipses16():
+    return toy_ellipses(128, 16)
+
+
+def test_scheduler_matches_paper():
+    s = D.make_scheduler()
+    b, ab = s.betas.double(), s.alphas_cumprod.double()
+    assert s.config.prediction_type == "epsilon" and s.config.beta_schedule == "linear"
+    for t in (1, 10, 500, 999):
+        assert abs(s._get_variance(t).item() - (b[t]*(1-ab[t-1])/(1-ab[t])).item()) < 1e-7
+    with pytest.raises(ValueError, match="num_train_timesteps"): D.make_scheduler(num_train_timesteps=0)
+
+
+@pytest.mark.parametrize("profile,c,size,paper", [("ellipse", 1, 32, 9.2e6), ("celeba", 3, 128, 35.7e6)])
+def test_paper_sized_unets(profile, c, size, paper):
+    n = D.n_params(D.make_unet2d(profile, c, size))
+    assert abs(n - paper)/paper < 0.08, n
+
+
+def test_unet_bad_input():
+    with pytest.raises(ValueError, match="in_channels"): D.make_unet2d("tiny", 0, 16)
+    with pytest.raises(ValueError, match="sample_size"): D.make_unet2d("square", 3, 20)
+
+
+def test_sample_shape_range_and_seed():
+    seed_everything(0); u = D.make_unet2d("tiny", 1, 16).eval()
+    kw = dict(num_inference_steps=8, progress=False)
+    a = D.sample(D.eps_fn(u), D.make_scheduler(), (2, 1, 16, 16), generator=torch.Generator().manual_seed(3), **kw)
+    b = D.sample(D.eps_fn(u), D.make_scheduler(), (2, 1, 16, 16), generator=torch.Generator().manual_seed(3), **kw)
+    assert a.shape == (2, 1, 16, 16) and torch.equal(a, b) and torch.isfinite(a).all()
+
+
+def _fixed_batch_loss(unet, images, sched, seed=123):
+    g = torch.Generator().manual_seed(seed)
+    x0 = D.to_model_range(torch.from_numpy(images[:64])); noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, 1000, (len(x0),), generator=g)
+    with torch.no_grad():
+        return torch.nn.functional.mse_loss(unet(sched.add_noise(x0, noise, t), t).sample, noise).item()
+
+
+def test_training_lowers_loss(ellipses16):
+    seed_everything(0); u = D.make_unet2d("tiny", 1, 16); s = D.make_scheduler()
+    before = _fixed_batch_loss(u.eval(), ellipses16, s)
+    r = D.train_diffusion(u, ellipses16, s, steps=40, batch_size=16, lr=3e-3, progress=False)
+    after = _fixed_batch_loss(r["model"].eval(), ellipses16, s)
+    assert after < 0.8*before, (before, after)
+    assert r["losses"].shape == (40,) and np.isfinite(r["losses"]).all()
+    # EMA weights differ from the raw weights but stay finite
+    assert any(not torch.equal(a, b) for a, b in zip(r["model"].parameters(), r["ema"].parameters()))
+
+
+def test_bad_arguments(ellipses16):
+    u = D.make_unet2d("tiny", 1, 16)
+    with pytest.raises(ValueError, match="images"): D.train_diffusion(u, ellipses16*2, steps=1, progress=False)
+    with pytest.raises(ValueError, match="steps"): D.train_diffusion(u, ellipses16, steps=0, progress=False)
+    with pytest.raises(ValueError, match="mixed_precision"):
+        D.train_diffusion(u, ellipses16, steps=1, device="cpu", mixed_precision="bf16", progress=False)
+
+
+def test_mismatched_checkpoint_is_refused(ellipses16, tmp_path):
+    seed_everything(0)
+    D.train_diffusion(D.make_unet2d("tiny", 1, 16), ellipses16, steps=2, batch_size=4, ckpt_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="different configuration.*model"):
+        D.train_diffusion(D.make_unet2d("small", 1, 16), ellipses16, steps=2, batch_size=4, ckpt_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="different configuration.*data"):
+        D.train_diffusion(D.make_unet2d("tiny", 1, 16), ellipses16[:64], steps=2, batch_size=4, ckpt_dir=tmp_path, progress=False)
+
+
+CHILD = """
+import sys, time, numpy as np, torch
+torch.set_num_threads(int(sys.argv[3]))
+from diffexplain.data import seed_everything
+from diffexplain import diffusion as D
+images = np.load(sys.argv[1]); seed_everything(0)
+D.train_diffusion(D.make_unet2d("tiny", 1, 16), images, steps={steps}, batch_size=8, lr=1e-3, ckpt_dir=sys.argv[2],
+                  ckpt_every=2, progress=False, callback=lambda s, l: time.sleep(0.4))
+"""
+
+
+def test_kill_and_resume_gives_same_weights(ellipses16, tmp_path):
+    steps = 14
+    np.save(tmp_path/"x.npy", ellipses16)
+    (tmp_path/"child.py").write_text(CHILD.format(steps=steps))
+    ck = tmp_path/"ckpt"
+    p = subprocess.Popen([sys.executable, str(tmp_path/"child.py"), str(tmp_path/"x.npy"), str(ck),
+                          str(torch.get_num_threads())], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while not (ck/"state").is_dir():  # first checkpoint after step 2
+        assert p.poll() is None, p.stderr.read().decode()[-3000:]
+        assert time.time() - t0 < 120, "child never wrote a checkpoint"
+        time.sleep(0.05)
+    time.sleep(1.0)  # let it train (and maybe checkpoint) a little further
+    os.kill(p.pid, signal.SIGKILL); p.wait()
+    assert p.returncode == -signal.SIGKILL
+    kw = dict(steps=steps, batch_size=8, lr=1e-3, progress=False)
+    seed_everything(0)
+    resumed = D.train_diffusion(D.make_unet2d("tiny", 1, 16), ellipses16, ckpt_dir=ck, ckpt_every=2, **kw)
+    assert 0 < resumed["start_step"] < steps
+    seed_everything(0)
+    straight = D.train_diffusion(D.make_unet2d("tiny", 1, 16), ellipses16, **kw)
+    for a, b in zip(resumed["model"].parameters(), straight["model"].parameters()):
+        assert torch.equal(a, b), (a - b).abs().max()
+    for a, b in zip(resumed["ema"].parameters(), straight["ema"].parameters()): assert torch.equal(a, b)
+
+
+def test_load_or_train_reuses_cache(ellipses16, tmp_path):
+    m1, _ = D.load_or_train_ddpm(ellipses16, "tiny", "t", steps=2, cache_dir=tmp_path, batch_size=4, progress=False)
+    m2, _ = D.load_or_train_ddpm(ellipses16, "tiny", "t", steps=2, cache_dir=tmp_path, batch_size=4, progress=False)
+    for a, b in zip(m1.parameters(), m2.parameters()): assert torch.equal(a, b)
+    assert len(list(tmp_path.glob("t-*/ema-step2/*.safetensors"))) == 1
+
+
+def test_ellipse_quality_check(ellipses16):
+    x = toy_ellipses(64, 32, seed=1)
+    assert D.ellipse_check(x).mean() > 0.9
+    two = np.clip(x[:32] + x[32:], 0, 1)  # two ellipses in one image (mostly separate)
+    assert D.ellipse_check(two).mean() < 0.5
+    assert D.ellipse_check(np.zeros((4, 1, 32, 32), np.float32)).sum() == 0
+    q = D.ellipse_quality(x[:32], x[32:])
+    assert q["frac_single_ellipse"] > 0.9 and 0 <= q["ks_log_ar"] <= 1
+    noise = np.random.default_rng(0).random((32, 1, 32, 32), dtype=np.float32)
+    assert D.ellipse_quality(noise, x)["ks_size"] > 0.9
+
+
+def test_diffae_encode_decode_and_gradients(ellipses16):
+    seed_everything(0); s = D.make_scheduler()
+    dae = D.DiffAE("tiny", 1, 16, enc_channels=(8, 16))
+    dae = D.train_diffusion(dae, ellipses16[:96], s, steps=40, batch_size=16, lr=2e-3, ema_decay=0.9, progress=False)["model"].eval()
+    x0 = D.to_model_range(torch.from_numpy(ellipses16[96:104]))
+    with torch.no_grad(): z = dae.encode(x0)
+    assert z.shape == (8, 512)
+    xT = D.ddim_encode(D.eps_fn(dae, z), x0, s, num_steps=10)
+    z = z.clone().requires_grad_(True)
+    rec = D.ddim_decode(D.eps_fn(dae, z), xT, s, num_steps=10)
+    with torch.no_grad():
+        rnd = D.ddim_decode(D.eps_fn(dae, z), torch.randn(xT.shape, generator=torch.Generator().manual_seed(0)), s, num_steps=10)
+    assert torch.nn.functional.mse_loss(rec, x0) < 0.5*torch.nn.functional.mse_loss(rnd, x0)
+    rec.sum().backward(); assert z.grad.abs().sum() > 0
+    # with a zero eps-model, DDIM encode/decode is an exact inverse
+    zero = lambda x, t: torch.zeros_like(x)
+    assert torch.allclose(D.ddim_decode(zero, D.ddim_encode(zero, x0, s, 10), s, 10), x0, atol=1e-4)
+
+
+def test_latent_diffusion_3d_end_to_end():
+    seed_everything(0); vol = torch.rand(4, 1, 16, 16, 16)
+    with pytest.warns(UserWarning, match="WITHOUT"): assert D.make_perceptual_loss(None) is None
+    ae = D.make_autoencoder3d(channels=(8, 16), norm_num_groups=4, num_res_blocks=1)
+    ae = D.train_autoencoder3d(ae, vol, steps=2, batch_size=2, progress=False)["model"]
+    sf = D.latent_scale_factor(ae, vol); assert sf > 0
+    lt = D.LatentTransform(ae, sf)
+    r = D.train_diffusion(D.make_unet3d("tiny"), vol, steps=2, batch_size=2, transform=lt, progress=False)
+    x = D.sample_latent(ae, r["ema"], sf, (1, 1, 8, 8, 8), num_inference_steps=3, progress=False)
+    assert x.shape == (1, 1, 16, 16, 16) and 0 <= x.min() and x.max() <= 1
+    z = torch.randn(1, 1, 8, 8, 8, requires_grad=True)
+    D.decode_latent(ae, z, sf).mean().backward(); assert z.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="norm_num_groups"): D.make_autoencoder3d(channels=(8, 12), norm_num_groups=8)
+    assert abs(D.n_params(D.make_autoencoder3d()) - 1.2e6) < 0.1e6
