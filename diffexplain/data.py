@@ -11,13 +11,13 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 # %% auto #0
-__all__ = ['SQUARE_SIZE', 'SQUARE_BORDER', 'SQUARE_IMG', 'SQUARE_POSITIONS', 'CELEBA_SPLITS', 'HIPPO_LABELS', 'seed_everything',
-           'get_device', 'config_hash', 'default_cache_dir', 'cache_path', 'atomic_write', 'save_arrays', 'load_arrays',
-           'check_tensor', 'render_ellipses', 'sample_ellipse_params', 'make_ellipses', 'split_indices',
-           'tensor_dataset', 'moment_area', 'moment_log_ar', 'render_squares', 'make_squares', 'reference_value',
-           'square_eval_grid', 'read_attr_file', 'load_face_image', 'CelebA', 'CelebAHQ', 'AgeTable',
-           'write_tiny_celeba', 'extract_hippocampus_rois', 'read_subject_table', 'load_brain_rois', 'subject_split',
-           'class_weights', 'BrainROIDataset', 'make_brain_phantoms']
+__all__ = ['SQUARE_SIZE', 'SQUARE_BORDER', 'SQUARE_IMG', 'SQUARE_POSITIONS', 'CELEBA_SPLITS', 'CELEBA_ATTRS', 'TINY_CELEBA_LINKS',
+           'HIPPO_LABELS', 'seed_everything', 'get_device', 'config_hash', 'default_cache_dir', 'cache_path',
+           'atomic_write', 'save_arrays', 'load_arrays', 'check_tensor', 'render_ellipses', 'sample_ellipse_params',
+           'make_ellipses', 'split_indices', 'tensor_dataset', 'moment_area', 'moment_log_ar', 'render_squares',
+           'make_squares', 'reference_value', 'square_eval_grid', 'read_attr_file', 'load_face_image', 'CelebA',
+           'CelebAHQ', 'AgeTable', 'write_tiny_celeba', 'extract_hippocampus_rois', 'read_subject_table',
+           'load_brain_rois', 'subject_split', 'class_weights', 'BrainROIDataset', 'make_brain_phantoms']
 
 # %% ../nbs/00_data.ipynb #4a7dfee5
 def seed_everything(seed: int # seed for Python, NumPy and torch (CPU and CUDA)
@@ -460,28 +460,44 @@ class AgeTable(Dataset):
     def __getitem__(self, i): return load_face_image(self.root/self.paths[i], self.size), self.age[i]
 
 # %% ../nbs/00_data.ipynb #b1a04a1f
+CELEBA_ATTRS = ["5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips",
+                "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby", "Double_Chin",
+                "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open",
+                "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline",
+                "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat",
+                "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young"]   # CelebA's 40 attributes, in file order
+# P(attribute = 1 | Male = 0), P(attribute = 1 | Male = 1) in the stand-in (others: independent fair coins)
+TINY_CELEBA_LINKS = {"Wearing_Lipstick": (0.85, 0.03), "Heavy_Makeup": (0.70, 0.02), "Arched_Eyebrows": (0.45, 0.10),
+                     "No_Beard": (0.99, 0.45), "5_o_Clock_Shadow": (0.01, 0.30), "Goatee": (0.0, 0.15),
+                     "Mustache": (0.0, 0.10), "Sideburns": (0.0, 0.15), "Bald": (0.0, 0.05)}
+_PARTITION_CYCLE = (1, 2, 0, 0, 0, 0, 0, 0, 0, 0)   # valid, test, 8× train: 80/10/10 at any size
+
 def write_tiny_celeba(root: str|Path, # folder to create
-                      n: int = 5, # number of images
+                      n: int = 5, # number of images (>= 1)
                       hq: bool = False, # CelebA-HQ layout instead of CelebA
                       seed: int = 0, # image/attribute seed
                       img_shape: tuple = (218, 178), # (H, W) of the written images (CelebA's aligned size)
+                      signal: float = 1.0, # strength of the colour cue carrying `Male` (0: pure noise images)
                      ) -> Path:
-    "Write a tiny fake CelebA / CelebA-HQ folder in the published layout (for tests and smoke runs)."
+    "Write a tiny fake CelebA / CelebA-HQ folder in the published layout with a learnable `Male` cue (tests, smoke runs)."
     from PIL import Image
+    if not (isinstance(n, (int, np.integer)) and n >= 1): raise ValueError(f"`n` must be an int >= 1, got {n!r}")
+    if not signal >= 0: raise ValueError(f"`signal` must be >= 0, got {signal}")
     root = Path(root); rng = np.random.default_rng(seed)
-    names = ["5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips",
-             "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby", "Double_Chin",
-             "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open",
-             "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline",
-             "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat",
-             "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young"]
     img_dir = root/("CelebA-HQ-img" if hq else "img_align_celeba"); img_dir.mkdir(parents=True, exist_ok=True)
     files = [f"{i}.jpg" if hq else f"{i + 1:06d}.jpg" for i in range(n)]
-    vals = rng.choice([-1, 1], size=(n, 40))
-    for f in files: Image.fromarray(rng.integers(0, 256, (*img_shape, 3), dtype=np.uint8)).save(img_dir/f)
-    lines = [str(n), " ".join(names)] + [f + "  " + " ".join(f"{v:2d}" for v in row) for f, row in zip(files, vals)]
+    vals = rng.integers(0, 2, size=(n, 40))
+    male = vals[:, CELEBA_ATTRS.index("Male")]
+    for a, (p_f, p_m) in TINY_CELEBA_LINKS.items():
+        vals[:, CELEBA_ATTRS.index(a)] = rng.uniform(size=n) < np.where(male == 1, p_m, p_f)
+    tint = np.array([-1.0, 0.0, 1.0], np.float32)*np.float32(0.12*signal)            # blue for Male, red otherwise
+    for f, m in zip(files, male):
+        x = rng.uniform(0.3, 0.7) + (2*m - 1)*tint + rng.normal(0, 0.1, (*img_shape, 3))
+        Image.fromarray((np.clip(x, 0, 1)*255).round().astype(np.uint8)).save(img_dir/f, quality=95)
+    lines = [str(n), " ".join(CELEBA_ATTRS)] + [f + "  " + " ".join(f"{2*v - 1:2d}" for v in row) for f, row in zip(files, vals)]
     (root/("CelebAMask-HQ-attribute-anno.txt" if hq else "list_attr_celeba.txt")).write_text("\n".join(lines) + "\n")
-    if not hq: (root/"list_eval_partition.txt").write_text("".join(f"{f} {0 if i < 3 else i - 2}\n" for i, f in enumerate(files)))
+    if not hq:
+        (root/"list_eval_partition.txt").write_text("".join(f"{f} {_PARTITION_CYCLE[i % 10]}\n" for i, f in enumerate(files)))
     return root
 
 # %% ../nbs/00_data.ipynb #f4e0ddfd

@@ -194,12 +194,45 @@ def test_celeba_layout_and_errors(tmp_path):
     ds = CelebA(root, split="all", size=16, attrs=["Male", "Young"])
     x, y = ds[2]
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and y.tolist() == vals[2, [20, 39]].tolist()
-    assert [len(CelebA(root, split=s)) for s in ("train", "valid", "test")] == [3, 1, 1]
+    assert [len(CelebA(root, split=s)) for s in ("train", "valid", "test")] == [4, 1, 1]
     with pytest.raises(ValueError, match="`split`"): CelebA(root, split="dev")
     (root/"img_align_celeba"/"000002.jpg").unlink()
     with pytest.raises(FileNotFoundError, match="000002.jpg"): CelebA(root, split="all")[1]
     (root/"list_eval_partition.txt").unlink()
     with pytest.raises(FileNotFoundError, match="list_eval_partition.txt"): CelebA(root)
+
+
+def test_tiny_celeba_partition_is_80_10_10_at_any_size(tmp_path):
+    "The old stand-in wrote codes 0,0,0,1,2,3,4,… so only 5 images ever landed in a split."
+    root = write_tiny_celeba(tmp_path/"c", n=50, img_shape=(20, 16))
+    codes = [int(l.split()[1]) for l in (root/"list_eval_partition.txt").read_text().splitlines()]
+    assert set(codes) == {0, 1, 2} and np.bincount(codes).tolist() == [40, 5, 5]
+    assert [len(CelebA(root, split=s)) for s in ("train", "valid", "test")] == [40, 5, 5]
+    for n, want in [(3, [1, 1, 1]), (10, [8, 1, 1]), (123, [97, 13, 13])]:
+        r = write_tiny_celeba(tmp_path/f"n{n}", n=n, img_shape=(8, 8))
+        assert [len(CelebA(r, split=s)) for s in ("train", "valid", "test")] == want
+
+
+def test_tiny_celeba_has_a_learnable_male_cue_and_gender_correlated_attributes(tmp_path):
+    root = write_tiny_celeba(tmp_path/"c", n=400, img_shape=(24, 20), seed=3)
+    ds = CelebA(root, split="all", size=8)
+    a = ds.attrs.numpy(); col = {k: ds.attr_names.index(k) for k in ds.attr_names}
+    male = a[:, col["Male"]]
+    assert 0.4 < male.mean() < 0.6
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    cue = (x[:, 2] - x[:, 0]).mean((1, 2)).numpy()                       # blue minus red
+    assert ((cue > 0) == (male == 1)).mean() == 1.0                          # one threshold separates the genders
+    corr = lambda k: np.corrcoef(male, a[:, col[k]])[0, 1]
+    assert corr("Wearing_Lipstick") < -0.6 and corr("Heavy_Makeup") < -0.5 and corr("Arched_Eyebrows") < -0.2
+    assert corr("No_Beard") < -0.4 and corr("5_o_Clock_Shadow") > 0.3
+    assert abs(corr("Blurry")) < 0.15 and 0.35 < a[:, col["Blurry"]].mean() < 0.65   # unrelated: both values occur
+    # signal=0: no cue left
+    r0 = write_tiny_celeba(tmp_path/"c0", n=200, img_shape=(24, 20), seed=3, signal=0.0)
+    d0 = CelebA(r0, split="all", size=8); x0 = torch.stack([d0[i][0] for i in range(len(d0))])
+    cue0 = (x0[:, 2] - x0[:, 0]).mean((1, 2)).numpy(); m0 = d0.attrs[:, col["Male"]].numpy()
+    assert abs(np.corrcoef(cue0, m0)[0, 1]) < 0.3
+    with pytest.raises(ValueError, match="`n`"): write_tiny_celeba(tmp_path/"bad", n=0)
+    with pytest.raises(ValueError, match="`signal`"): write_tiny_celeba(tmp_path/"bad", signal=-1.0)
 
 
 def test_centre_crop_keeps_the_middle(tmp_path):

@@ -7,7 +7,9 @@ import torch
 import torch.nn as nn
 from diffexplain.models import (EllipseCNN, resnet10t, to_3d, resnet10t_3d, square_resnet18, densenet121_regressor,
                                 age_oracle, Rescaled, accuracy, balanced_accuracy, r2_score, l2_penalty, predict,
-                                evaluate, train_model, save_checkpoint, load_checkpoint, load_or_train, ellipse_models)
+                                evaluate, train_model, save_checkpoint, load_checkpoint, load_or_train, ellipse_models,
+                                celeba_classifier, CELEBA_PROFILES, brain_models, brain_table, BRAIN_PROFILES)
+from diffexplain.data import read_attr_file, make_brain_phantoms
 
 torch.set_num_threads(1)  # tiny models: one thread is faster than two on a shared CPU
 
@@ -212,3 +214,133 @@ def test_ellipse_models_smoke(tmp_path):
     again = ellipse_models("smoke", cache_dir=tmp_path, which=("classifier",), progress=False)
     assert again["classifier"]["loaded"] and same_weights(again["classifier"]["model"], res["classifier"]["model"])
     with pytest.raises(ValueError, match="`which`"): ellipse_models("smoke", cache_dir=tmp_path, which=("volume",))
+
+
+def test_ellipse_models_initial_weights_come_from_the_seed(tmp_path):
+    "The same seed gives the same model whatever ran before in the process (the build is seeded)."
+    a = ellipse_models("smoke", cache_dir=tmp_path/"a", which=("classifier",), progress=False)["classifier"]
+    torch.manual_seed(123); torch.rand(7)                       # disturb the global RNG
+    b = ellipse_models("smoke", cache_dir=tmp_path/"b", which=("classifier",), progress=False)["classifier"]
+    assert not b["loaded"] and same_weights(a["model"], b["model"])
+    assert len(a["history"]) == a["epochs"] and "val_loss" in a["history"][0]
+
+
+# ---------------------------------------------------------------- CelebA driver
+@pytest.fixture(scope="module")
+def celeba_smoke(tmp_path_factory):
+    d = tmp_path_factory.mktemp("celeba")
+    return d, celeba_classifier("smoke", data_dir=d/"data", cache_dir=d/"cache", progress=False)
+
+
+def test_celeba_classifier_smoke_learns_the_stand_in_cue(celeba_smoke):
+    d, r = celeba_smoke
+    assert r["synthetic"] and "not CelebA" in r["data"] and r["n"] == dict(train=400, val=50, test=50)
+    assert Path(r["root"]).parent == d/"data"
+    assert r["logits"].shape == (50,) and r["decisions"].dtype == np.int64
+    np.testing.assert_array_equal(r["decisions"], (r["logits"] > 0).astype(np.int64))
+    # the attributes are the test images' rows of the attribute file, in the file's column order
+    files, names, vals = read_attr_file(Path(r["root"])/"list_attr_celeba.txt")
+    rows = [files.index(f) for f in r["files"]]
+    np.testing.assert_array_equal(r["attrs"], vals[rows]); assert r["attr_names"] == names
+    np.testing.assert_array_equal(r["target"], r["attrs"][:, names.index("Male")])
+    assert r["metrics"]["accuracy"] >= 0.8 and 0.2 < r["decisions"].mean() < 0.8, r["metrics"]
+    assert r["config"]["size"] == 32 and r["config"]["target"] == "Male" and len(r["history"]) == r["epochs"] <= 3
+
+
+def test_celeba_classifier_reuses_and_reproduces(celeba_smoke, tmp_path):
+    d, r = celeba_smoke
+    again = celeba_classifier("smoke", data_dir=d/"data", cache_dir=d/"cache", progress=False)
+    assert again["loaded"] and np.array_equal(again["logits"], r["logits"])
+    torch.manual_seed(99)
+    fresh = celeba_classifier("smoke", data_dir=d/"data", cache_dir=tmp_path, progress=False)   # retrained
+    assert not fresh["loaded"] and same_weights(fresh["model"], r["model"])
+
+
+def test_celeba_classifier_real_layout_partition_and_subsets(tmp_path, monkeypatch):
+    from diffexplain.data import write_tiny_celeba
+    write_tiny_celeba(tmp_path/"data"/"celeba", n=60, img_shape=(40, 32), seed=1)     # a "real" folder at data_dir/celeba
+    monkeypatch.setitem(CELEBA_PROFILES, "quick", dict(CELEBA_PROFILES["quick"], size=16, n_train=20, max_epochs=1))
+    r = celeba_classifier("quick", data_dir=tmp_path/"data", cache_dir=tmp_path/"cache", attribute="Wearing_Lipstick",
+                          progress=False)
+    assert r["data"] == "CelebA" and not r["synthetic"]
+    assert r["n"] == dict(train=20, val=6, test=6)              # the partition file's valid/test, a seeded train subset
+    np.testing.assert_array_equal(r["target"], r["attrs"][:, r["attr_names"].index("Wearing_Lipstick")])
+    assert Path(r["path"]).name.startswith("celeba-Wearing_Lipstick-")
+
+
+def test_celeba_classifier_errors(tmp_path):
+    with pytest.raises(FileNotFoundError) as e: celeba_classifier("paper", data_dir=tmp_path)
+    for f in ("img_align_celeba", "list_attr_celeba.txt", "list_eval_partition.txt", str(tmp_path/"celeba")):
+        assert f in str(e.value)
+    with pytest.raises(ValueError, match="`profile`"): celeba_classifier("tiny", data_dir=tmp_path)
+    with pytest.raises(ValueError, match="`attribute`"): celeba_classifier("smoke", data_dir=tmp_path, attribute="male")
+
+
+# ---------------------------------------------------------------- brain driver
+@pytest.fixture(scope="module")
+def brain_smoke(tmp_path_factory):
+    d = tmp_path_factory.mktemp("brain")
+    return d, brain_models("smoke", data_dir=d/"data", cache_dir=d/"cache", progress=False)
+
+
+def test_brain_models_smoke_on_phantoms(brain_smoke):
+    import pandas as pd
+    d, b = brain_smoke
+    assert b["synthetic"] and "not OASIS-3" in b["data"] and Path(b["table"]).parent.parent == d/"data"
+    info = pd.read_csv(b["table"]).set_index("subject")
+    assert len(info) == 12 and b["n"] == dict(train=16, val=2, test=6)
+    # test outputs line up with the test ROIs: labels and exact phantom volumes
+    np.testing.assert_array_equal(b["label"], (info.loc[b["subject"], "diagnosis"] == "AD").to_numpy(np.int64))
+    want = np.where(b["hemisphere"] == 0, info.loc[b["subject"], "volume_left_mm3"], info.loc[b["subject"], "volume_right_mm3"])
+    np.testing.assert_allclose(b["volume"], want, rtol=1e-6)
+    assert b["logits"].shape == b["volume_pred"].shape == (6,) and np.isfinite(b["logits"]).all()
+    assert set(b["label"]) == {0, 1} and 0 <= b["balanced_accuracy"] <= 1 and np.isfinite(b["r2"])
+    clf, reg = b["classifier"], b["regressor"]
+    assert clf["config"]["n_aug"] == 2 and clf["config"]["max_deg"] == 10.0 and clf["config"]["task"] == "binary"
+    assert isinstance(reg["model"], Rescaled) and reg["config"]["target"] == "volume"
+    # the regressor predicts in mm³: standardisation statistics come from the training ROIs
+    assert float(reg["model"].mean) == pytest.approx(reg["config"]["mean"]) and 500 < reg["config"]["mean"] < 5000
+    assert np.abs(b["volume_pred"] - reg["config"]["mean"]).max() < 10*reg["config"]["std"]
+    assert b["r2"] == pytest.approx(r2_score(b["volume"], b["volume_pred"]))
+
+
+def test_brain_models_reuse_and_same_seed(brain_smoke, tmp_path):
+    d, b = brain_smoke
+    again = brain_models("smoke", data_dir=d/"data", cache_dir=d/"cache", progress=False)
+    assert again["classifier"]["loaded"] and again["regressor"]["loaded"]
+    np.testing.assert_allclose(again["volume_pred"], b["volume_pred"], rtol=1e-6)
+    torch.manual_seed(5)
+    fresh = brain_models("smoke", data_dir=d/"data", cache_dir=tmp_path, progress=False)
+    assert not fresh["classifier"]["loaded"] and same_weights(fresh["classifier"]["model"], b["classifier"]["model"])
+
+
+def test_brain_models_weighted_sampler_balances_classes(monkeypatch, tmp_path):
+    "The classifier draws AD and CN ROIs about equally often although only a quarter of the subjects are AD."
+    import diffexplain.models as M
+    seen = {}
+    real = M.train_model
+    def spy(model, train_data, val_data, task="binary", sample_weights=None, **kw):
+        seen[task] = (train_data, sample_weights)
+        return real(model, train_data, val_data, task=task, sample_weights=sample_weights, **kw)
+    monkeypatch.setattr(M, "train_model", spy)
+    monkeypatch.setitem(BRAIN_PROFILES, "smoke", dict(BRAIN_PROFILES["smoke"], max_epochs=1))
+    brain_models("smoke", data_dir=tmp_path/"data", cache_dir=tmp_path/"cache", progress=False)
+    ds, w = seen["binary"]
+    labels = np.array([int(ds[i][1]) for i in range(len(ds))])
+    assert len(w) == len(ds) == 32 and labels.mean() < 0.3
+    assert float(w[labels == 1].sum()) == pytest.approx(float(w[labels == 0].sum()))
+    assert seen["regression"][1] is None
+
+
+def test_brain_models_real_data_path(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="oasis3/subjects.csv not found"):
+        brain_models("quick", data_dir=tmp_path/"data", cache_dir=tmp_path/"cache")
+    assert brain_table("paper", tmp_path) == tmp_path/"oasis3"/"subjects.csv"
+    make_brain_phantoms(tmp_path/"data"/"oasis3", n_subjects=10, seed=2, shape=(48, 64, 48))    # stands in for OASIS-3
+    monkeypatch.setitem(BRAIN_PROFILES, "quick", dict(BRAIN_PROFILES["quick"], roi_size=32, n_aug=1, max_epochs=1))
+    b = brain_models("quick", data_dir=tmp_path/"data", cache_dir=tmp_path/"cache", progress=False)
+    assert b["data"] == "OASIS-3" and not b["synthetic"] and len(b["volume"]) == b["n"]["test"] > 0
+    (tmp_path/"data"/"oasis3"/"sub-0003"/"T1.nii.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="sub-0003/T1.nii.gz"):
+        brain_models("quick", data_dir=tmp_path/"data", cache_dir=tmp_path/"cache2", progress=False)
+    with pytest.raises(ValueError, match="`profile`"): brain_models("big", data_dir=tmp_path)
