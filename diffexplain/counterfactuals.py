@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_counterfactuals.ipynb #c380e40e
 from __future__ import annotations
-import json, warnings
+import json, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -12,11 +12,16 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 from .data import check_tensor, save_arrays, load_arrays, config_hash
+from .data import get_device, make_squares, split_indices, square_eval_grid
+from .models import EllipseCNN, square_resnet18, Rescaled, train_model, load_or_train, evaluate
+from .diffusion import load_or_train_ddpm, eps_fn, ddim_encode, ddim_decode
+from .metrics import square_mae, background_mae
 
 # %% auto #0
-__all__ = ['to_f_range', 'check_differentiable', 'check_reference', 'respaced_scheduler', 'last_timesteps', 'ddpm_step',
-           'posterior_variance', 'diffusion_filter', 'change_mask', 'repaint_refine', 'acre', 'diffae_re',
-           'diffusion_ce', 'flip_rate', 'reference_sweep', 'plot_reference_sweep', 'run_batched']
+__all__ = ['SQUARE_CF_PROFILES', 'to_f_range', 'check_differentiable', 'check_reference', 'respaced_scheduler', 'last_timesteps',
+           'ddpm_step', 'posterior_variance', 'diffusion_filter', 'change_mask', 'repaint_refine', 'acre', 'diffae_re',
+           'diffusion_ce', 'flip_rate', 'reference_sweep', 'plot_reference_sweep', 'run_batched', 'downsample_squares',
+           'square_setup', 'DiffAECodec', 'square_eval_set', 'square_counterfactual_eval']
 
 # %% ../nbs/05_counterfactuals.ipynb #8b08bc4e
 def to_f_range(x,               # images in [-1, 1]
@@ -431,3 +436,164 @@ def run_batched(fn,                 # a CE method, e.g. `acre`; called as fn(**b
         if path is not None: save_arrays(path, **res)
         parts.append(res)
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+# %% ../nbs/05_counterfactuals.ipynb #b23d41ff
+SQUARE_CF_PROFILES = {
+    # size: working resolution (64 = the paper's); T: length of the DDPM chain that is trained (the first T steps of the
+    # paper's 1000-step linear schedule, see the prose); respacing/steps: AC-RE filter on that chain
+    "smoke": dict(size=16, n_train=256, regressor="cnn", reg_lr=2e-3, reg_epochs=2, reg_patience=2, reg_batch=32,
+                  unet="tiny", T=100, ddpm_steps=20, ddpm_batch=8, ddpm_lr=3e-3, n_eval=2, batch_size=2,
+                  respacing=5, steps=5, step_size=32/255, max_iter=2, dilation=1, threshold=0.05,
+                  ae_lr=0.002, ae_max_steps=2, ae_lam=1e-5, ae_decode_steps=5, ae_encode_steps=5),
+    "quick": dict(size=32, n_train=2000, regressor="cnn", reg_lr=2e-3, reg_epochs=6, reg_patience=2, reg_batch=32,
+                  unet="tiny", T=100, ddpm_steps=400, ddpm_batch=16, ddpm_lr=2e-3, n_eval=16, batch_size=16,
+                  respacing=5, steps=5, step_size=10/255, max_iter=16, dilation=3, threshold=0.05,
+                  ae_lr=0.002, ae_max_steps=30, ae_lam=1e-5, ae_decode_steps=10, ae_encode_steps=20),
+    "paper": dict(size=64, n_train=16_000, regressor="resnet18", reg_lr=1e-5, reg_epochs=200, reg_patience=10, reg_batch=32,
+                  unet="square", T=1000, ddpm_steps=100_000, ddpm_batch=32, ddpm_lr=1e-4, n_eval=None, batch_size=32,
+                  respacing=50, steps=5, step_size=2/255, max_iter=100, dilation=5, threshold=0.05,
+                  ae_lr=0.002, ae_max_steps=200, ae_lam=1e-5, ae_decode_steps=10, ae_encode_steps=20),
+}
+
+def downsample_squares(data: dict, # `make_squares` / `square_eval_grid` output at 64×64
+                       size: int,  # target size, a divisor of 64
+                      ) -> dict:   # same keys; `images` average-pooled, `mask` = pixels entirely inside the square
+    "Average-pool square images to `size` × `size`; the mask keeps only output pixels that lie fully inside the 8×8 square."
+    if size not in (8, 16, 32, 64): raise ValueError(f"`size` must be 8, 16, 32 or 64, got {size}")
+    k = 64 // size
+    if k == 1: return dict(data)
+    out = dict(data)
+    out["images"] = F.avg_pool2d(torch.as_tensor(data["images"]), k).numpy()
+    out["mask"] = (F.avg_pool2d(torch.as_tensor(data["mask"]).float(), k) == 1).numpy()
+    return out
+
+def _flip(x, g):
+    "Random horizontal and vertical flips (the authors' augmentation); the square's colour is unchanged by flips."
+    h, v = (torch.rand(2, len(x), 1, 1, 1, generator=g) < 0.5).to(x.device)
+    return torch.where(v, torch.where(h, x.flip(-1), x).flip(-2), torch.where(h, x.flip(-1), x))
+
+def square_setup(profile: str = "quick", # smoke | quick | paper (see `SQUARE_CF_PROFILES`)
+                 cache_dir=None,         # trained models are cached here (default `default_cache_dir()`)
+                 seed: int = 0,          # data, initial weights and training seed
+                 device: str = "cpu",    # cpu | cuda | auto
+                 progress: bool = True,
+                ) -> dict: # f, regressor, unet, eps, scheduler, hp (the profile), regressor metrics, timings, loaded flags
+    "Train or load the square regressor and the square DDPM of a profile, ready for `square_counterfactual_eval`."
+    if profile not in SQUARE_CF_PROFILES: raise ValueError(f"`profile` must be one of {list(SQUARE_CF_PROFILES)}, got {profile!r}")
+    P = SQUARE_CF_PROFILES[profile]; dev = get_device(device)
+    data = downsample_squares(make_squares(P["n_train"], seed=seed), P["size"])
+    x = torch.from_numpy(data["images"]).float(); y = torch.from_numpy(np.asarray(data["target"])).float()
+    split = split_indices(len(x), seed=seed, val_frac=0.1, test_frac=0.1)
+    mean, std = float(y[split["train"]].mean()), float(y[split["train"]].std())
+    cfg = dict(model=P["regressor"], size=P["size"], data=dict(n=P["n_train"], seed=seed), seed=seed, mean=mean, std=std,
+               lr=P["reg_lr"], epochs=P["reg_epochs"], patience=P["reg_patience"], batch_size=P["reg_batch"], augment="flips")
+    def build(c):
+        torch.manual_seed(c["seed"])
+        net = square_resnet18() if c["model"] == "resnet18" else EllipseCNN(1, in_channels=3, img_size=c["size"])
+        return Rescaled(net, c["mean"], c["std"])
+    def train(m, c):
+        t0 = time.time(); z = (y - c["mean"]) / c["std"]
+        _, hist = train_model(m.net, (x[split["train"]], z[split["train"]]), (x[split["val"]], z[split["val"]]),
+                              task="regression", lr=c["lr"], batch_size=c["batch_size"], max_epochs=c["epochs"],
+                              patience=c["patience"], augment=_flip, seed=c["seed"], device=device, progress=progress)
+        return m, {"history": hist, "train_time": time.time() - t0}
+    reg, meta = load_or_train(f"square-regressor", cfg, build, train, cache_dir)
+    reg = reg.to(dev).eval()
+    for p in reg.parameters(): p.requires_grad_(False)
+    metrics = evaluate(reg, (x[split["test"]], y[split["test"]]), "regression", device=device)
+    T = P["T"]; sk = dict(num_train_timesteps=T, beta_start=0.0015, beta_end=0.0015 + 0.019 * (T - 1) / 999)
+    t0 = time.time()
+    unet, scheduler = load_or_train_ddpm(x, profile=P["unet"], name="square-ddpm", steps=P["ddpm_steps"], cache_dir=cache_dir,
+                                         seed=seed, scheduler_kwargs=sk, batch_size=P["ddpm_batch"], lr=P["ddpm_lr"],
+                                         device=device, progress=progress)
+    ddpm_time = time.time() - t0
+    unet = unet.to(dev).eval()
+    for p in unet.parameters(): p.requires_grad_(False)
+    return dict(f=reg, regressor=reg, unet=unet, eps=eps_fn(unet), scheduler=scheduler, hp=dict(P), profile=profile,
+                seed=seed, device=str(dev), regressor_metrics=metrics, regressor_time=meta.get("train_time"),
+                regressor_loaded=meta["loaded"], ddpm_time=ddpm_time, train_range=(0., 1.))
+
+# %% ../nbs/05_counterfactuals.ipynb #9813ffb5
+class DiffAECodec:
+    "The `diffae_re` interface over a `diffexplain.diffusion.DiffAE`: its semantic encoder, DDIM inversion, differentiable DDIM decoding."
+    def __init__(self, model, # a trained `DiffAE` (eval mode); images in [-1, 1]
+                 scheduler,   # its DDPM scheduler (gives alpha_bar)
+                ): self.model, self.scheduler = model, scheduler
+    def encode_semantic(self, x): return self.model.encode(x)
+    def encode_stochastic(self, x, z_sem, steps): return ddim_encode(eps_fn(self.model, z_sem), x, self.scheduler, steps)
+    def decode(self, x_T, z_sem, steps): return ddim_decode(eps_fn(self.model, z_sem), x_T, self.scheduler, steps)
+
+def _square_metrics(x01, x_cf01, mask, r, y, threshold):
+    "Table-1 metrics of counterfactuals `x_cf01` (images in [0, 1]) with predictions `y` for references `r`."
+    m = torch.as_tensor(mask)
+    return {"square MAE": square_mae(x_cf01, m, r), "background MAE": background_mae(x01, x_cf01, m),
+            "|f - r|": float(np.abs(np.asarray(y) - np.asarray(r)).mean()),
+            "success rate": float((np.abs(np.asarray(y) - np.asarray(r)) <= threshold).mean())}
+
+def square_eval_set(size: int = 64,   # working resolution
+                    n: int|None = None, # number of grid images (None: all 630), a seeded subset balanced dark/bright
+                    seed: int = 0,    # noise seed of the grid and seed of the subset
+                    indices=None,     # explicit grid indices (instead of `n`)
+                   ) -> dict:         # `square_eval_grid` arrays at `size` (subset), `reference` included
+    "The regression paper's square evaluation grid, downsampled, optionally a seeded subset."
+    g = downsample_squares(square_eval_grid(seed), size)
+    N = len(g["images"])
+    if indices is not None:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx) == 0 or idx.min() < 0 or idx.max() >= N: raise ValueError(f"`indices` must be grid indices in [0, {N})")
+        return {k: np.asarray(v)[idx] for k, v in g.items()}
+    if n is not None:
+        if not 1 <= n <= N: raise ValueError(f"`n` must be in [1, {N}], got {n}")
+        half = N // 2; rng = np.random.default_rng(seed)
+        pick = np.sort(rng.choice(half, (n + 1) // 2, replace=False))
+        idx = np.concatenate([pick, (pick + half)[: n // 2]])  # dark images and their bright twins (same noise)
+        g = {k: np.asarray(v)[idx] for k, v in g.items()}
+    return g
+
+def square_counterfactual_eval(setup: dict,          # output of `square_setup`
+                               n_eval: int|None = -1, # grid images to explain (-1: the profile's `n_eval`, None: all 630)
+                               methods=("AC-RE",),   # which methods; "Diff-AE-RE" needs setup["ae"] (a diffusion autoencoder)
+                               indices=None,         # explicit grid indices (instead of `n_eval`)
+                               control: bool = True, # also run with the guidance off (PGD step 0 / no regression loss)
+                               store_dir=None,       # resumable per-batch store (one sub-folder per run)
+                               progress: bool = True,
+                               **overrides,          # AC-RE / Diff-AE-RE hyperparameters replacing the profile's
+                              ) -> dict: # table {row: metrics}, images (x, x_pre, x_cf, mask in [0, 1]), raw outputs, seconds
+    "Explain the square grid with AC-RE (and Diff-AE-RE): square MAE, background MAE, |f - r| and success rate per row."
+    P = {**setup["hp"], **overrides}; dev = torch.device(setup["device"])
+    grid = square_eval_set(P["size"], P["n_eval"] if n_eval == -1 else n_eval, setup["seed"], indices)
+    x01 = torch.from_numpy(grid["images"]).float(); x = (x01 * 2 - 1).to(dev)
+    r = torch.from_numpy(np.asarray(grid["reference"])).float().to(dev)
+    thr = P["threshold"]; table, raw, secs = {}, {}, {}
+    unknown = set(methods) - {"AC-RE", "Diff-AE-RE"}
+    if unknown: raise ValueError(f"`methods` must be among ['AC-RE', 'Diff-AE-RE'], got {sorted(unknown)}")
+    to01 = lambda a: torch.from_numpy(np.asarray(a)).float().add(1).div(2).clamp(0, 1)
+    sub = lambda name: None if store_dir is None else Path(store_dir)/name
+    if "AC-RE" in methods:
+        kw = dict(f=setup["f"], eps=setup["eps"], scheduler=setup["scheduler"], respacing=P["respacing"], steps=P["steps"],
+                  step_size=P["step_size"], threshold=thr, dilation=P["dilation"], train_range=setup["train_range"])
+        runs = [("", dict(max_iter=P["max_iter"]))]
+        # guidance off: x' never moves, so every iteration filters x with the same noise; max_iter=0 gives the same result
+        if control: runs.append((" (guidance 0)", dict(max_iter=0, guidance=0.)))
+        for tag, extra in runs:
+            t0 = time.time()
+            out = run_batched(acre, dict(x=x, r=r), batch_size=P["batch_size"], seed=setup["seed"],
+                              store_dir=sub(f"acre{tag.replace(' ', '_')}"), progress=progress, **kw, **extra)
+            secs[f"AC-RE{tag}"] = time.time() - t0
+            table[f"AC-RE pre-explanation{tag}"] = _square_metrics(x01, to01(out["x_pre"]), grid["mask"], r.cpu(), out["y_pre"], thr)
+            table[f"AC-RE{tag}"] = _square_metrics(x01, to01(out["x_cf"]), grid["mask"], r.cpu(), out["y_cf"], thr)
+            raw[f"AC-RE{tag}"] = out
+    if "Diff-AE-RE" in methods:
+        if setup.get("ae") is None: raise ValueError("`setup` has no diffusion autoencoder under 'ae' (needed for Diff-AE-RE)")
+        kw = dict(f=setup["f"], ae=setup["ae"], threshold=thr, train_range=setup["train_range"],
+                  **{k: P[f"ae_{k}"] for k in ("lr", "max_steps", "lam", "decode_steps", "encode_steps")})
+        runs = [("", {})] + ([(" (guidance 0)", dict(guidance=0., max_steps=0))] if control else [])
+        for tag, extra in runs:
+            t0 = time.time()
+            out = run_batched(diffae_re, dict(x=x, r=r), batch_size=P["batch_size"], seed=setup["seed"],
+                              store_dir=sub(f"diffae{tag.replace(' ', '_')}"), progress=progress, **{**kw, **extra})
+            secs[f"Diff-AE-RE{tag}"] = time.time() - t0
+            table[f"Diff-AE-RE{tag}"] = _square_metrics(x01, to01(out["x_cf"]), grid["mask"], r.cpu(), out["y_cf"], thr)
+            raw[f"Diff-AE-RE{tag}"] = out
+    return dict(table=table, raw=raw, seconds=secs, x01=x01, mask=grid["mask"], reference=r.cpu().numpy(),
+                target=np.asarray(grid["target"]), n=len(x01), hp=P)
