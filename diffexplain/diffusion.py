@@ -13,16 +13,19 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
+from diffusers.optimization import get_scheduler
 from accelerate import Accelerator
-from .data import seed_everything, get_device, cache_path, config_hash, atomic_write, check_tensor
+from .data import (seed_everything, get_device, cache_path, config_hash, atomic_write, check_tensor,
+                              save_arrays, load_arrays, make_ellipses, make_squares, moment_log_ar,
+                              moment_area)
 
 # %% auto #0
-__all__ = ['UNET_PROFILES', 'PAPER_PARAMS', 'UNET3D_PROFILES', 'make_scheduler', 'make_unet2d', 'n_params', 'eps_fn',
-           'to_model_range', 'from_model_range', 'sample', 'model_config', 'data_fingerprint', 'save_grid',
-           'train_diffusion', 'load_or_train_ddpm', 'moment_features', 'ellipse_check', 'ellipse_quality',
-           'SemanticEncoder', 'DiffAE', 'ddim_timesteps', 'ddim_encode', 'ddim_decode', 'make_autoencoder3d',
-           'make_unet3d', 'make_perceptual_loss', 'vae_loss', 'train_autoencoder3d', 'LatentTransform',
-           'latent_scale_factor', 'monai_scheduler', 'sample_latent', 'decode_latent']
+__all__ = ['UNET_PROFILES', 'PAPER_PARAMS', 'DDPM_PROFILES', 'SQUARE_DIFFAE_PROFILES', 'UNET3D_PROFILES', 'make_scheduler',
+           'make_unet2d', 'n_params', 'eps_fn', 'to_model_range', 'from_model_range', 'sample', 'model_config',
+           'data_fingerprint', 'save_grid', 'train_diffusion', 'load_or_train_ddpm', 'ellipse_check', 'ellipse_quality',
+           'ellipse_ddpm', 'SemanticEncoder', 'DiffAE', 'ddim_timesteps', 'ddim_encode', 'ddim_decode', 'square_diffae',
+           'make_autoencoder3d', 'make_unet3d', 'make_perceptual_loss', 'vae_loss', 'train_autoencoder3d',
+           'LatentTransform', 'latent_scale_factor', 'monai_scheduler', 'sample_latent', 'decode_latent']
 
 # %% ../nbs/02_diffusion.ipynb #6cf4ece2
 def make_scheduler(num_train_timesteps: int = 1000, # T, number of diffusion steps
@@ -47,6 +50,8 @@ UNET_PROFILES = {
                     down_block_types=(_D, _A), up_block_types=(_AU, _U)),
     "small":   dict(block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8,
                     down_block_types=(_D, _D, _D), up_block_types=(_U, _U, _U)),
+    "quick":   dict(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8,
+                    down_block_types=(_D, _D, _D), up_block_types=(_U, _U, _U)),
     "ellipse": dict(block_out_channels=(32, 64, 96, 192), layers_per_block=2, norm_num_groups=8, attention_head_dim=32,
                     down_block_types=(_D, _A, _A, _A), up_block_types=(_AU, _AU, _AU, _U)),
     "celeba":  dict(block_out_channels=(64, 128, 192, 384), layers_per_block=2, norm_num_groups=8, attention_head_dim=64,
@@ -56,7 +61,7 @@ UNET_PROFILES = {
 }
 PAPER_PARAMS = {"ellipse": 9.2e6, "celeba": 35.7e6} # attribution paper, App. C.3
 
-def make_unet2d(profile: str = "ellipse", # one of `UNET_PROFILES`: tiny | small | ellipse | celeba | square
+def make_unet2d(profile: str = "ellipse", # one of `UNET_PROFILES`: tiny | small | quick | ellipse | celeba | square
                 in_channels: int = 1, # image channels (output channels are the same: epsilon-prediction)
                 sample_size: int = 32, # image height = width; divisible by 2**(levels-1)
                ) -> UNet2DModel:
@@ -203,12 +208,17 @@ def train_diffusion(model: nn.Module, # epsilon-model: `UNet2DModel`, or a model
                     progress: bool = True, # tqdm bar with the loss
                     callback=None, # called as callback(step, loss) after each step
                     transform=None, # maps a [0,1] batch (on the device) to diffusion space; default `to_model_range`
+                    lr_schedule: str = "constant", # constant | cosine | linear (diffusers `get_scheduler`, to 0 at `steps`)
+                    lr_warmup: int = 0, # linear warm-up steps of the learning rate
+                    ema_power: float|None = None, # None: fixed `ema_decay`; else EMA warm-up 1-(1+step)^-power, capped at `ema_decay`
                    ) -> dict: # model (trained), ema (copy with EMA weights), losses (this run), start_step, ckpt_dir
     "Train an epsilon-prediction diffusion model with EMA, clipping, checkpoints and exact resume."
     images = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images).float()
     check_tensor(images, "images", ndim=(4, 5), value_range=(0.0, 1.0))
     for name, v in dict(steps=steps, batch_size=batch_size, ckpt_every=ckpt_every).items():
         if not isinstance(v, (int, np.integer)) or v < 1: raise ValueError(f"`{name}` must be a positive int, got {v!r}")
+    if lr_schedule not in ("constant", "cosine", "linear"): raise ValueError(f"`lr_schedule` must be constant, cosine or linear, got {lr_schedule!r}")
+    if not isinstance(lr_warmup, (int, np.integer)) or not 0 <= lr_warmup < steps: raise ValueError(f"`lr_warmup` must be an int in [0, steps), got {lr_warmup!r}")
     scheduler = scheduler or make_scheduler()
     dev = get_device(device)
     if mixed_precision == "auto": mixed_precision = "bf16" if dev.type == "cuda" else "no"
@@ -218,15 +228,19 @@ def train_diffusion(model: nn.Module, # epsilon-model: `UNet2DModel`, or a model
     conditional = bool(getattr(model, "conditions_on_x0", False))
     cfg = _jsonable(dict(model=model_config(model), scheduler={k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
                          data=data_fingerprint(images), batch_size=batch_size, lr=lr, ema_decay=ema_decay,
-                         grad_clip=grad_clip, seed=seed,
+                         grad_clip=grad_clip, seed=seed, lr_schedule=lr_schedule, lr_warmup=lr_warmup, ema_power=ema_power,
+                         total_steps=steps if lr_schedule != "constant" else None,
                          transform=None if transform is None else getattr(transform, "config", getattr(transform, "__name__", repr(transform)))))
     acc = Accelerator(mixed_precision=mixed_precision, cpu=dev.type == "cpu")
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)
-    ema = EMAModel(raw.parameters(), decay=ema_decay); ema.to(acc.device)
+    ema = EMAModel(raw.parameters(), decay=ema_decay, **({} if ema_power is None else dict(use_ema_warmup=True, power=ema_power)))
+    ema.to(acc.device)
+    name = "constant_with_warmup" if lr_schedule == "constant" and lr_warmup else lr_schedule
+    lrs = get_scheduler(name, opt, num_warmup_steps=lr_warmup, num_training_steps=steps)
     counter = _StepCounter()
-    acc.register_for_checkpointing(ema, counter)
+    acc.register_for_checkpointing(ema, counter, lrs)
     start = 0
     if ckpt_dir is not None:
         ckpt_dir = Path(ckpt_dir); _check_ckpt_config(ckpt_dir, cfg)
@@ -254,7 +268,7 @@ def train_diffusion(model: nn.Module, # epsilon-model: `UNet2DModel`, or a model
             loss = F.mse_loss(_call(model, x_t, t, x0 if conditional else None).float(), noise)
         acc.backward(loss)
         if grad_clip: acc.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step(); opt.zero_grad(set_to_none=True)
+        opt.step(); opt.zero_grad(set_to_none=True); lrs.step()
         ema.step(raw.parameters()); counter.step = step + 1
         l = loss.item(); losses.append(l); bar.set_postfix(loss=f"{l:.4f}")
         if callback is not None: callback(step + 1, l)
@@ -282,41 +296,33 @@ def load_or_train_ddpm(images, # (N, C, H, W) training images in [0, 1]
                        cache_dir: str|Path|None = None, # default `default_cache_dir()`
                        seed: int = 0, # seeds the initial weights and the training run
                        scheduler_kwargs: dict|None = None, # passed to `make_scheduler`
+                       with_info: bool = False, # also return dict(path, loaded, train_s, cpu_s): wall and CPU seconds of training
                        **train_kwargs, # passed to `train_diffusion` (batch_size, lr, device, ...)
-                      ) -> tuple: # (EMA `UNet2DModel` in eval mode, scheduler)
+                      ) -> tuple: # (EMA `UNet2DModel` in eval mode, scheduler[, info])
     "Load a trained DDPM from the cache, or train it (resuming a killed run) and cache it."
     images = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images).float()
     check_tensor(images, "images", ndim=4, value_range=(0.0, 1.0))
     scheduler = make_scheduler(**(scheduler_kwargs or {}))
-    keep = {k: v for k, v in train_kwargs.items() if k in ("batch_size", "lr", "ema_decay", "grad_clip")}
+    keep = {k: v for k, v in train_kwargs.items() if k in ("batch_size", "lr", "ema_decay", "grad_clip", "lr_schedule",
+                                                           "lr_warmup", "ema_power")}
+    if train_kwargs.get("lr_schedule", "constant") != "constant": keep["steps"] = steps # a decayed lr cannot be continued
     cfg = dict(profile=profile, in_channels=images.shape[1], sample_size=images.shape[-1], seed=seed,
                scheduler=scheduler_kwargs or {}, data=data_fingerprint(images), **keep)
     root = cache_path(name, cfg, cache_dir); final = root/f"ema-step{steps}"
     if (final/"config.json").exists():
-        return UNet2DModel.from_pretrained(final).eval(), scheduler
+        unet = UNet2DModel.from_pretrained(final).eval()
+        meta = json.loads((final/"train.json").read_text()) if (final/"train.json").exists() else {}
+        return (unet, scheduler, dict(path=final, loaded=True, train_s=meta.get("train_s"), cpu_s=meta.get("cpu_s"))) if with_info else (unet, scheduler)
     seed_everything(seed); unet = make_unet2d(profile, images.shape[1], images.shape[-1])
+    t0, c0 = time.time(), time.process_time()
     r = train_diffusion(unet, images, scheduler, steps=steps, seed=seed, ckpt_dir=root, **train_kwargs)
+    train_s, cpu_s = time.time() - t0, time.process_time() - c0 # of this run only, if it resumed
     r["ema"].save_pretrained(str(final))
-    return r["ema"], scheduler
+    atomic_write(final/"train.json", lambda tmp: tmp.write_text(json.dumps(dict(train_s=train_s, cpu_s=cpu_s, start_step=r["start_step"],
+                                                                                  threads=torch.get_num_threads()))))
+    return (r["ema"], scheduler, dict(path=final, loaded=False, train_s=train_s, cpu_s=cpu_s)) if with_info else (r["ema"], scheduler)
 
 # %% ../nbs/02_diffusion.ipynb #fcc90d03
-def moment_features(images01: torch.Tensor, # (n, 1, H, W) images in [0, 1]
-                    eps: float = 1e-8, # guards empty images
-                   ) -> dict: # log_ar (n,) = log(a/b) and size (n,) = intensity sum, differentiable
-    "Aspect ratio and size of a bright blob from its intensity-weighted second moments."
-    x = torch.as_tensor(images01).float()
-    check_tensor(x, "images01", ndim=4, shape=(None, 1, None, None))
-    w = x[:, 0]; n, H, W = w.shape
-    r = torch.arange(H, dtype=w.dtype).view(1, H, 1); c = torch.arange(W, dtype=w.dtype).view(1, 1, W)
-    m = w.sum((1, 2)) + eps
-    mr, mc = (w*r).sum((1, 2))/m, (w*c).sum((1, 2))/m
-    dr, dc = r - mr.view(-1, 1, 1), c - mc.view(-1, 1, 1)
-    srr, scc, src = (w*dr*dr).sum((1, 2))/m, (w*dc*dc).sum((1, 2))/m, (w*dr*dc).sum((1, 2))/m
-    tr, det = srr + scc, srr*scc - src**2
-    disc = ((tr/2)**2 - det).clamp_min(0).sqrt()
-    l1, l2 = tr/2 + disc, (tr/2 - disc).clamp_min(eps)
-    return dict(log_ar=0.5*torch.log(l1/l2), size=w.sum((1, 2)))
-
 def ellipse_check(images01, # (n, 1, H, W) images in [0, 1]
                   threshold: float = 0.5, # binarisation level
                   min_area: int = 4, # smallest blob (pixels) that counts
@@ -336,17 +342,74 @@ def ellipse_check(images01, # (n, 1, H, W) images in [0, 1]
 
 def ellipse_quality(samples01, # (n, 1, H, W) generated images in [0, 1]
                     real01, # (m, 1, H, W) training images in [0, 1]
-                   ) -> dict: # fraction of single ellipses (samples, real) and KS statistics of the features
+                    floor: float = 0.05, # intensities <= floor count as 0 in the moments (samples and data alike)
+                   ) -> dict: # fractions of single ellipses and of empty samples, KS statistics and moments of the features
     "Quality numbers for an ellipse generator: shape check and feature distributions against the data."
     from scipy.stats import ks_2samp
-    fs, fr = moment_features(torch.as_tensor(np.asarray(samples01))), moment_features(torch.as_tensor(np.asarray(real01)))
-    ok = ellipse_check(samples01)
-    out = dict(frac_single_ellipse=float(ok.mean()), frac_single_ellipse_real=float(ellipse_check(real01).mean()))
-    for k in ("log_ar", "size"):
-        a, b = fs[k].numpy(), fr[k].numpy()
-        out |= {f"ks_{k}": float(ks_2samp(a, b).statistic), f"{k}_mean": float(a.mean()), f"{k}_mean_real": float(b.mean()),
-                f"{k}_std": float(a.std()), f"{k}_std_real": float(b.std())}
+    xs, xr = [torch.as_tensor(np.asarray(x.detach().cpu() if torch.is_tensor(x) else x, dtype=np.float32)) for x in (samples01, real01)]
+    for x, nm in ((xs, "samples01"), (xr, "real01")): check_tensor(x, nm, ndim=4, shape=(None, 1, None, None))
+    if not 0 <= floor < 1: raise ValueError(f"`floor` must be in [0, 1), got {floor!r}")
+    def feats(fn, x): # features of images with at least one pixel of mass; degenerate ones (a line, a point) dropped
+        x = x[x.clamp_min(0).sum((1, 2, 3)) >= 1]; v = fn(x).numpy() if len(x) else np.zeros(0)
+        return v[np.isfinite(v)]
+    out_raw = feats(moment_log_ar, xs)
+    xs, xr = xs.where(xs > floor, 0), xr.where(xr > floor, 0)
+    full = xs.sum((1, 2, 3)) >= 1 # less than one pixel of mass (e.g. all black): no usable moments, counts as a failure
+    ok = ellipse_check(xs)
+    out = dict(frac_single_ellipse=float(ok.mean()), frac_single_ellipse_real=float(ellipse_check(xr).mean()),
+               frac_empty=float(1 - full.float().mean()), log_ar_mean_nofloor=float(out_raw.mean()) if len(out_raw) else float("nan"))
+    for k, fn in (("log_ar", moment_log_ar), ("size", moment_area)):
+        b, a = feats(fn, xr), feats(fn, xs)
+        out |= {f"ks_{k}": float(ks_2samp(a, b).statistic) if len(a) else 1.0, f"{k}_mean": float(a.mean()) if len(a) else float("nan"),
+                f"{k}_mean_real": float(b.mean()), f"{k}_std": float(a.std()) if len(a) else float("nan"), f"{k}_std_real": float(b.std())}
     return out
+
+
+# %% ../nbs/02_diffusion.ipynb #bd9d91c6
+DDPM_PROFILES = {
+    "smoke": dict(unet="tiny", n=256, steps=20, batch_size=16, lr=2e-3, lr_schedule="cosine", lr_warmup=2,
+                  ema_decay=0.999, ema_power=2/3, ckpt_every=10, sample_steps=10, n_eval=16),
+    "quick": dict(unet="quick", n=10_000, steps=1600, batch_size=32, lr=2e-3, lr_schedule="cosine", lr_warmup=100,
+                  ema_decay=0.999, ema_power=2/3, ckpt_every=200, sample_steps=100, n_eval=256),
+    "paper": dict(unet="ellipse", n=10_000, steps=300_000, batch_size=64, lr=1e-5, lr_schedule="constant", lr_warmup=0,
+                  ema_decay=0.9999, ema_power=None, ckpt_every=5000, sample_steps=1000, n_eval=1000),
+}
+
+def ellipse_ddpm(profile: str = "quick", # "smoke" | "quick" | "paper" (see `DDPM_PROFILES`)
+                 cache_dir: str|Path|None = None, # data, checkpoints and samples live here (default `default_cache_dir()`)
+                 seed: int = 0, # data seed (as `make_ellipses`) and training seed; samples use seed + 1
+                 device: str = "cpu", # "cpu", "cuda" or "auto"
+                 num_threads: int|None = None, # torch CPU threads while training and sampling (None: leave as is)
+                 progress: bool = True, # tqdm bars
+                ) -> dict: # unet (EMA, eval), scheduler, quality, samples (n_eval,1,32,32 in [0,1]), train_s/_cpu_s, sample_s/_cpu_s, loaded, path, config
+    "Train or load the ellipse DDPM of a profile, with its samples and quality numbers (cached)."
+    if profile not in DDPM_PROFILES: raise ValueError(f"`profile` must be one of {list(DDPM_PROFILES)}, got {profile!r}")
+    if num_threads is not None and (not isinstance(num_threads, (int, np.integer)) or num_threads < 1):
+        raise ValueError(f"`num_threads` must be None or a positive int, got {num_threads!r}")
+    p = DDPM_PROFILES[profile]; old_threads = torch.get_num_threads()
+    if num_threads is not None: torch.set_num_threads(int(num_threads))
+    try:
+        data = make_ellipses(p["n"], seed=seed, cache_dir=cache_dir)
+        keys = ("batch_size", "lr", "lr_schedule", "lr_warmup", "ema_decay", "ema_power", "ckpt_every")
+        unet, sched, info = load_or_train_ddpm(data["images"], p["unet"], f"ellipse-ddpm-{profile}", steps=p["steps"],
+                                               cache_dir=cache_dir, seed=seed, with_info=True, device=device,
+                                               progress=progress, **{k: p[k] for k in keys})
+        dev = get_device(device); unet = unet.to(dev).eval()
+        qpath = info["path"]/f"quality-n{p['n_eval']}-s{p['sample_steps']}-seed{seed + 1}.npz"
+        if qpath.exists():
+            z = load_arrays(qpath); samples, quality = z["samples"], json.loads(str(z["quality"]))
+            sample_s, sample_cpu_s = float(z["sample_s"]), float(z["sample_cpu_s"])
+        else:
+            t0, c0 = time.time(), time.process_time()
+            xs = sample(eps_fn(unet), sched, (p["n_eval"], 1, 32, 32), num_inference_steps=p["sample_steps"],
+                        generator=torch.Generator().manual_seed(seed + 1), device=dev, progress=progress)
+            samples = from_model_range(xs).cpu().numpy(); sample_s, sample_cpu_s = time.time() - t0, time.process_time() - c0
+            quality = ellipse_quality(samples, data["images"][:2000])
+            save_arrays(qpath, samples=samples, sample_s=sample_s, sample_cpu_s=sample_cpu_s, quality=json.dumps(quality))
+    finally:
+        torch.set_num_threads(old_threads)
+    return dict(unet=unet, scheduler=sched, quality=quality, samples=samples, train_s=info["train_s"], train_cpu_s=info["cpu_s"],
+                sample_s=sample_s, sample_cpu_s=sample_cpu_s, loaded=info["loaded"], path=info["path"], config=dict(profile=profile, seed=seed, **p))
 
 # %% ../nbs/02_diffusion.ipynb #f98617da
 class SemanticEncoder(nn.Module):
@@ -427,6 +490,87 @@ def ddim_decode(eps, # callable eps(x_t, t); gradients flow to whatever it close
     for k in tqdm(range(num_steps, 0, -1), desc="DDIM decode", disable=not progress, leave=False):
         x = _ddim_move(x, eps(x, int(ts[k - 1])), levels[k], levels[k - 1])
     return x
+
+# %% ../nbs/02_diffusion.ipynb #9ac42b46
+SQUARE_DIFFAE_PROFILES = {
+    "smoke": dict(unet="tiny", size=16, n=256, steps=20, batch_size=8, lr=2e-3, lr_schedule="cosine", lr_warmup=2,
+                  ema_decay=0.999, ema_power=2/3, enc_channels=(8, 16), ckpt_every=10, n_test=8),
+    "quick": dict(unet="small", size=32, n=4000, steps=1500, batch_size=32, lr=2e-3, lr_schedule="cosine", lr_warmup=100,
+                  ema_decay=0.999, ema_power=2/3, enc_channels=(16, 32, 64), ckpt_every=250, n_test=64),
+    "paper": dict(unet="square", size=64, n=16_000, steps=100_000, batch_size=64, lr=1e-4, lr_schedule="constant",
+                  lr_warmup=0, ema_decay=0.9999, ema_power=None, enc_channels=(32, 64, 128, 256), ckpt_every=5000, n_test=512),
+}
+
+def _pool(x, f): # (n, C, H, W) array/tensor -> float tensor, f×f average-pooled
+    x = torch.as_tensor(x).float(); return x if f == 1 else F.avg_pool2d(x, f)
+
+def _dark_bright_pair(size, seed):
+    "A dark-red (a=30) and a bright-red (a=225) square sharing position, background and noise, at `size`."
+    from diffexplain.data import render_squares
+    noise = np.random.default_rng(seed).standard_normal((1, 3, 64, 64), dtype=np.float32).repeat(2, 0)*20
+    img, mask = render_squares([30., 225.], [170., 170.], np.array([20, 20]), np.array([24, 24]), noise)
+    f = 64//size
+    return _pool(torch.from_numpy(img/np.float32(255)), f), _pool(torch.from_numpy(mask.astype(np.float32)), f) > 0.999
+
+def square_diffae(profile: str = "quick", # "smoke" | "quick" | "paper" (see `SQUARE_DIFFAE_PROFILES`)
+                  cache_dir: str|Path|None = None, # checkpoints and metrics live here (default `default_cache_dir()`)
+                  seed: int = 0, # data and training seed
+                  device: str = "cpu", # "cpu", "cuda" or "auto"
+                  num_threads: int|None = None, # torch CPU threads (None: leave as is)
+                  progress: bool = True, # tqdm bars
+                 ) -> dict: # model (EMA DiffAE, eval), scheduler, size, metrics, interp (alpha, red, images), train_s, loaded, path
+    "Train or load the Diff-AE of the (downsampled) square data; reconstruction and z_sem-interpolation checks (cached)."
+    from safetensors.torch import save_file, load_file
+    if profile not in SQUARE_DIFFAE_PROFILES: raise ValueError(f"`profile` must be one of {list(SQUARE_DIFFAE_PROFILES)}, got {profile!r}")
+    if num_threads is not None and (not isinstance(num_threads, (int, np.integer)) or num_threads < 1):
+        raise ValueError(f"`num_threads` must be None or a positive int, got {num_threads!r}")
+    p = SQUARE_DIFFAE_PROFILES[profile]; f = 64//p["size"]; old_threads = torch.get_num_threads()
+    if num_threads is not None: torch.set_num_threads(int(num_threads))
+    try:
+        data = make_squares(p["n"] + p["n_test"], seed=seed)
+        x = _pool(data["images"], f); train, test = x[:p["n"]], x[p["n"]:]
+        arch = dict(profile=p["unet"], in_channels=3, sample_size=p["size"], z_dim=512, enc_channels=tuple(p["enc_channels"]))
+        cfg = dict(arch=arch, seed=seed, data=data_fingerprint(train), **{k: v for k, v in p.items() if k not in ("enc_channels", "n_test")})
+        root = cache_path(f"square-diffae-{profile}", cfg, cache_dir); final = root/f"ema-step{p['steps']}"
+        dev = get_device(device); sched = make_scheduler()
+        if (final/"model.safetensors").exists():
+            model = DiffAE(**arch); model.load_state_dict(load_file(str(final/"model.safetensors"))); loaded = True
+            train_s = json.loads((final/"train.json").read_text())["train_s"]
+        else:
+            seed_everything(seed); model = DiffAE(**arch); t0 = time.time()
+            keys = ("batch_size", "lr", "lr_schedule", "lr_warmup", "ema_decay", "ema_power", "ckpt_every")
+            r = train_diffusion(model, train, sched, steps=p["steps"], seed=seed, ckpt_dir=root, device=device,
+                                progress=progress, **{k: p[k] for k in keys})
+            model, loaded, train_s = r["ema"].cpu(), False, time.time() - t0
+            final.mkdir(parents=True, exist_ok=True)
+            atomic_write(final/"model.safetensors", lambda tmp: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp)))
+            atomic_write(final/"train.json", lambda tmp: tmp.write_text(json.dumps(dict(train_s=train_s))))
+        model = model.to(dev).eval()
+        mpath = final/f"metrics-seed{seed}.json"
+        if mpath.exists(): out = json.loads(mpath.read_text())
+        else:
+            x0 = to_model_range(test).to(dev)
+            with torch.no_grad(): z = model.encode(x0)
+            e = eps_fn(model, z); xT = ddim_encode(e, x0, sched, 20)
+            with torch.no_grad():
+                rec = ddim_decode(e, xT, sched, 10)
+                rnd = ddim_decode(e, torch.randn(xT.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dev), sched, 10)
+                pair, mask = _dark_bright_pair(p["size"], seed); pm = to_model_range(pair).to(dev)
+                zp = model.encode(pm); xT_dark = ddim_encode(eps_fn(model, zp[:1]), pm[:1], sched, 20)
+                alpha = torch.linspace(0, 1, 5, device=dev)[:, None]
+                zi = (1 - alpha)*zp[:1] + alpha*zp[1:]
+                xi = from_model_range(ddim_decode(eps_fn(model, zi), xT_dark.expand(len(alpha), -1, -1, -1), sched, 10)).cpu()
+            m = mask[0, 0]
+            red = [float(im[0][m].mean()) for im in xi]
+            out = dict(mse_rec=F.mse_loss(rec, x0).item(), mse_random_xT=F.mse_loss(rnd, x0).item(),
+                       alpha=alpha.flatten().tolist(), red=red, red_dark=float(pair[0, 0][m].mean()),
+                       red_bright=float(pair[1, 0][m].mean()), interp=xi.numpy().tolist())
+            atomic_write(mpath, lambda tmp: tmp.write_text(json.dumps(out)))
+    finally:
+        torch.set_num_threads(old_threads)
+    interp = np.asarray(out.pop("interp"), np.float32)
+    return dict(model=model, scheduler=sched, size=p["size"], metrics=out, interp=interp, train_s=train_s, loaded=loaded,
+                path=final, config=dict(profile=profile, seed=seed, **p))
 
 # %% ../nbs/02_diffusion.ipynb #753dbdf7
 def make_autoencoder3d(channels: tuple = (32, 64), # widths; one ×2 downsampling per extra level

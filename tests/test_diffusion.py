@@ -22,6 +22,14 @@ def toy_ellipses(n, size=16, seed=0):
     return out
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    "Tiny models train several times faster on one torch thread than on two on a shared 2-core CPU (measured)."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def ellipses16():
     return toy_ellipses(128, 16)
@@ -145,6 +153,11 @@ def test_ellipse_quality_check(ellipses16):
     assert q["frac_single_ellipse"] > 0.9 and 0 <= q["ks_log_ar"] <= 1
     noise = np.random.default_rng(0).random((32, 1, 32, 32), dtype=np.float32)
     assert D.ellipse_quality(noise, x)["ks_size"] > 0.9
+    empty = np.zeros((4, 1, 32, 32), np.float32)  # all-black samples have no moments: failures, not a crash
+    q = D.ellipse_quality(np.concatenate([x[:4], empty]), x[32:])
+    assert q["frac_empty"] == 0.5 and q["frac_single_ellipse"] <= 0.5
+    q = D.ellipse_quality(empty, x)
+    assert q["frac_empty"] == 1 and q["ks_log_ar"] == 1 and q["frac_single_ellipse"] == 0
 
 
 def test_diffae_encode_decode_and_gradients(ellipses16):
@@ -180,3 +193,45 @@ def test_latent_diffusion_3d_end_to_end():
     D.decode_latent(ae, z, sf).mean().backward(); assert z.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="norm_num_groups"): D.make_autoencoder3d(channels=(8, 12), norm_num_groups=8)
     assert abs(D.n_params(D.make_autoencoder3d()) - 1.2e6) < 0.1e6
+
+
+def test_cosine_lr_and_ema_warmup_resume_exactly(ellipses16, tmp_path):
+    "An interrupted run with a decaying lr and EMA warm-up resumes to the weights of an uninterrupted one."
+    kw = dict(steps=6, batch_size=8, lr=1e-3, lr_schedule="cosine", lr_warmup=2, ema_power=2/3, progress=False)
+    def boom(step, loss):
+        if step == 4: raise RuntimeError("killed")
+    seed_everything(0)
+    with pytest.raises(RuntimeError, match="killed"):
+        D.train_diffusion(D.make_unet2d("tiny", 1, 16), ellipses16, ckpt_dir=tmp_path, ckpt_every=3, callback=boom, **kw)
+    seed_everything(0); resumed = D.train_diffusion(D.make_unet2d("tiny", 1, 16), ellipses16, ckpt_dir=tmp_path, ckpt_every=3, **kw)
+    assert resumed["start_step"] == 3
+    seed_everything(0); straight = D.train_diffusion(D.make_unet2d("tiny", 1, 16), ellipses16, **kw)
+    for a, b in zip(list(resumed["model"].parameters()) + list(resumed["ema"].parameters()),
+                    list(straight["model"].parameters()) + list(straight["ema"].parameters())):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="lr_schedule"): D.train_diffusion(D.make_unet2d("tiny", 1, 16), ellipses16, steps=2, lr_schedule="step")
+    with pytest.raises(ValueError, match="lr_warmup"): D.train_diffusion(D.make_unet2d("tiny", 1, 16), ellipses16, steps=2, lr_warmup=5)
+
+
+def test_ellipse_ddpm_smoke_profile(tmp_path):
+    r = D.ellipse_ddpm("smoke", cache_dir=tmp_path, progress=False)
+    assert r["samples"].shape == (16, 1, 32, 32) and 0 <= r["samples"].min() and r["samples"].max() <= 1
+    q = r["quality"]
+    assert {"frac_single_ellipse", "frac_empty", "ks_log_ar", "ks_size", "log_ar_mean_real"} <= set(q)
+    assert 0 <= q["ks_log_ar"] <= 1 and q["frac_single_ellipse_real"] > 0.8 and not r["loaded"] and r["train_s"] > 0
+    again = D.ellipse_ddpm("smoke", cache_dir=tmp_path, progress=False)
+    assert again["loaded"] and np.array_equal(again["samples"], r["samples"]) and json.dumps(again["quality"]) == json.dumps(q)
+    for a, b in zip(again["unet"].parameters(), r["unet"].parameters()): assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="profile"): D.ellipse_ddpm("fast", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="num_threads"): D.ellipse_ddpm("smoke", cache_dir=tmp_path, num_threads=0)
+
+
+def test_square_diffae_smoke_profile(tmp_path):
+    r = D.square_diffae("smoke", cache_dir=tmp_path, progress=False)
+    m = r["metrics"]
+    assert r["interp"].shape == (5, 3, 16, 16) and len(m["red"]) == 5 and np.isfinite(m["mse_rec"])
+    assert m["red_bright"] > m["red_dark"] + 0.5  # the dark/bright pair differs in red inside the mask
+    again = D.square_diffae("smoke", cache_dir=tmp_path, progress=False)
+    assert again["loaded"] and again["metrics"] == m
+    for a, b in zip(again["model"].parameters(), r["model"].parameters()): assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="profile"): D.square_diffae("big", cache_dir=tmp_path)
