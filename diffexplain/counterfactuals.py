@@ -16,12 +16,17 @@ from .data import get_device, make_squares, split_indices, square_eval_grid
 from .models import EllipseCNN, square_resnet18, Rescaled, train_model, load_or_train, evaluate
 from .diffusion import load_or_train_ddpm, eps_fn, ddim_encode, ddim_decode
 from .metrics import square_mae, background_mae
+from .data import make_ellipses, moment_log_ar, moment_area, CelebA
+from .models import ellipse_models, celeba_classifier, ELLIPSE_PROFILES
+from .diffusion import ellipse_ddpm, ellipse_check
 
 # %% auto #0
-__all__ = ['SQUARE_CF_PROFILES', 'to_f_range', 'check_differentiable', 'check_reference', 'respaced_scheduler', 'last_timesteps',
-           'ddpm_step', 'posterior_variance', 'diffusion_filter', 'change_mask', 'repaint_refine', 'acre', 'diffae_re',
-           'diffusion_ce', 'flip_rate', 'reference_sweep', 'plot_reference_sweep', 'run_batched', 'downsample_squares',
-           'square_setup', 'DiffAECodec', 'square_eval_set', 'square_counterfactual_eval']
+__all__ = ['DIFFAE_DISTANCES', 'ELLIPSE_CE_PROFILES', 'CELEBA_CE_PROFILES', 'SQUARE_CF_PROFILES', 'to_f_range',
+           'check_differentiable', 'check_reference', 'respaced_scheduler', 'last_timesteps', 'ddpm_step',
+           'posterior_variance', 'diffusion_filter', 'change_mask', 'repaint_refine', 'acre', 'diffae_re',
+           'diffusion_ce', 'flip_rate', 'reference_sweep', 'plot_reference_sweep', 'run_batched', 'ce_summary',
+           'plot_ce_pairs', 'ellipse_ce_metrics', 'ellipse_ce', 'celeba_ce', 'downsample_squares', 'square_setup',
+           'DiffAECodec', 'square_eval_set', 'square_counterfactual_eval']
 
 # %% ../nbs/05_counterfactuals.ipynb #8b08bc4e
 def to_f_range(x,               # images in [-1, 1]
@@ -234,13 +239,19 @@ def acre(x,                     # (n, C, H, W) images in [-1, 1]
     return out
 
 # %% ../nbs/05_counterfactuals.ipynb #bfced02a
+DIFFAE_DISTANCES = { # per-sample distance of the counterfactual from the original, given (z - z_sem, x_cf - x)
+    "l1-latent": lambda dz, dx: dz.abs().flatten(1).sum(1), "l2-latent": lambda dz, dx: dz.pow(2).flatten(1).sum(1),
+    "l1-pixel": lambda dz, dx: dx.abs().flatten(1).sum(1), "l2-pixel": lambda dz, dx: dx.pow(2).flatten(1).sum(1),
+    "none": lambda dz, dx: dz.new_zeros(dz.shape[0])}
+
 def diffae_re(x,                  # (n, C, H, W) images in [-1, 1]
               f,                  # regressor; gets `to_f_range(x)`, returns (n,) or (n, 1)
               ae,                 # diffusion autoencoder: encode_semantic / encode_stochastic / decode
               r,                  # scalar or (n,) reference values
               lr: float = 0.002,  # Adam learning rate
               max_steps: int = 200, # optimisation steps
-              lam: float = 1e-5,  # weight of the L1 distance to the original semantic code
+              lam: float = 1e-5,  # weight of the distance term
+              distance: str = "l1-latent", # l1-latent (the paper's) | l2-latent | l1-pixel | l2-pixel | none; per-sample sums
               threshold: float = 0.05, # early stop per sample once |f - r| <= threshold
               decode_steps: int = 10, # DDIM steps of the (differentiable) decoder
               encode_steps: int = 20, # DDIM steps of the stochastic encoding
@@ -253,6 +264,7 @@ def diffae_re(x,                  # (n, C, H, W) images in [-1, 1]
     "Diff-AE-RE (regression paper §3.3.2): Adam on the semantic code of a diffusion autoencoder towards `r`."
     _check_images(x); n = x.shape[0]
     r = check_reference(r, n, train_range, x.device)
+    if distance not in DIFFAE_DISTANCES: raise ValueError(f"`distance` must be one of {list(DIFFAE_DISTANCES)}, got {distance!r}")
     for m in ("encode_semantic", "encode_stochastic", "decode"):
         if not callable(getattr(ae, m, None)): raise ValueError(f"`ae` must have a callable `{m}` method")
     y_orig = check_differentiable(lambda im: f(to_f_range(im, f_range)), x, "f")
@@ -279,7 +291,7 @@ def diffae_re(x,                  # (n, C, H, W) images in [-1, 1]
         x_cf[idx], y_cf[idx] = xi.detach(), y.detach()
         done = (y.detach() - r[idx]).abs() <= threshold
         if it == max_steps: break
-        dist = (zi - z0[idx]).abs().flatten(1).sum(1)
+        dist = DIFFAE_DISTANCES[distance](zi - z0[idx], xi - x[idx])
         loss = (guidance * (y - r[idx]) ** 2 + lam * dist).sum()
         opt.zero_grad(); loss.backward()
         frozen = z.detach().clone(); opt.step()
@@ -437,6 +449,196 @@ def run_batched(fn,                 # a CE method, e.g. `acre`; called as fn(**b
         parts.append(res)
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
+# %% ../nbs/05_counterfactuals.ipynb #e11a0002
+def ce_summary(res: dict, # `diffusion_ce` output (tensors or arrays): logits_orig, logits_cf, target, flipped
+              ) -> dict:  # flip rate, mean p(target) before and after, mean change of log p(target)
+    "Model-side numbers of a batch of counterfactuals: did the decision flip, and how far did p(target) move?"
+    t = torch.as_tensor(np.asarray(res["target"])).long().reshape(-1)
+    lp0, lp1 = [_log_prob_target(torch.as_tensor(np.asarray(res[k])).float(), t) for k in ("logits_orig", "logits_cf")]
+    return {"flip rate": float(np.mean(np.asarray(res["flipped"]))), "p(target) before": lp0.exp().mean().item(),
+            "p(target) after": lp1.exp().mean().item(), "Δ log p(target)": (lp1 - lp0).mean().item()}
+
+def plot_ce_pairs(x01,      # (n, C, H, W) originals in [0, 1]
+                  x_cf01,   # (n, C, H, W) counterfactuals in [0, 1]
+                  p_orig,   # (n,) the model's p(class 1) on the originals
+                  p_cf,     # (n,) ... on the counterfactuals
+                  k: int = 8, # pairs to show (the first k)
+                  title: str|None = None,
+                  label: str = "p",  # name of the probability in the panel titles
+                 ):        # matplotlib Figure: originals (top row) over their counterfactuals (bottom row)
+    "Fig. 4 / Fig. 9 of the attribution paper: originals above their diffusion counterfactuals, with the model's probability."
+    import matplotlib.pyplot as plt
+    k = min(k, len(x01))
+    if k < 1: raise ValueError("`x01` holds no images to show")
+    fig, axs = plt.subplots(2, k, figsize=(1.4 * k, 3.5), squeeze=False)
+    for i in range(k):
+        for r, (im, p) in enumerate(((x01[i], p_orig[i]), (x_cf01[i], p_cf[i]))):
+            _show(axs[r, i], torch.as_tensor(np.asarray(im)) * 2 - 1)
+            axs[r, i].set_title(f"{label}={float(p):.2f}", fontsize=8)
+    axs[0, 0].set_ylabel("original", fontsize=8); axs[1, 0].set_ylabel("counterfactual", fontsize=8)
+    if title: fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/05_counterfactuals.ipynb #e11a0003
+ELLIPSE_CE_PROFILES = {
+    # n: test images explained (None: the whole test split); num_steps: length of the respaced schedule over [0, T),
+    # of which the steps with t <= T/2 run (DVCE's code: respacing 200, skip 100 -> ~100 steps); batch_size: per call
+    "smoke": dict(n=8, num_steps=20, batch_size=8),
+    "quick": dict(n=100, num_steps=200, batch_size=50),
+    "paper": dict(n=None, num_steps=200, batch_size=100),
+}
+
+def _ellipse_features(x01, floor=0.05):
+    "Moment log aspect ratio and size of each image (intensities <= floor set to 0); NaN for images with < 1 px of mass."
+    x = torch.as_tensor(np.asarray(x01), dtype=torch.float32)
+    x = x.where(x > floor, torch.zeros(()))
+    ok = x.sum((1, 2, 3)) >= 1
+    lar, area = torch.full((len(x),), float("nan")), torch.full((len(x),), float("nan"))
+    if ok.any(): lar[ok], area[ok] = moment_log_ar(x[ok]).reshape(-1), moment_area(x[ok]).reshape(-1)
+    return lar.numpy(), area.numpy(), x
+
+def ellipse_ce_metrics(x01,    # (n, 1, H, W) originals in [0, 1]
+                       x_cf01, # (n, 1, H, W) counterfactuals in [0, 1]
+                       res: dict, # `diffusion_ce` output (tensors or arrays): flipped, target, logits
+                       floor: float = 0.05, # intensities <= floor count as background in the moment features
+                      ) -> dict: # `ce_summary`, L1, changes of the moment features, share of single ellipses
+    "`ce_summary` of ellipse counterfactuals and what they changed: L1 distance, log aspect ratio (towards the target class), size."
+    lar0, area0, _ = _ellipse_features(x01, floor)
+    lar1, area1, xf = _ellipse_features(x_cf01, floor)
+    sign = 2 * np.asarray(res["target"]).reshape(-1) - 1          # class 1 = the elongated ellipses
+    d = np.abs(np.asarray(x_cf01, dtype=np.float64) - np.asarray(x01, dtype=np.float64))
+    return {**ce_summary(res), "L1 per pixel": float(d.mean()), "L1 per image": float(d.reshape(len(d), -1).sum(1).mean()),
+            "Δ log AR towards target": float(np.nanmean((lar1 - lar0) * sign)),
+            "|Δ log AR|": float(np.nanmean(np.abs(lar1 - lar0))),
+            "|Δ size| / size": float(np.nanmean(np.abs(area1 / area0 - 1))),
+            "single ellipse": float(ellipse_check(xf).mean())}
+
+def ellipse_ce(profile: str = "quick",  # smoke | quick | paper (`ELLIPSE_CE_PROFILES`; models from `ellipse_ddpm` / `ellipse_models`)
+               cache_dir=None,          # trained models and data are loaded (or trained) here
+               seed: int = 0,           # data/model seed; the subset of test images and the CE noise use it too
+               n: int|None = -1,        # test images to explain (-1: the profile's, None: the whole test split)
+               classifier_weight: float = 0.1, # w_c (DVCE / the paper: 0.1)
+               dist_weight: float = 0.15, # w_d (L1 distance)
+               start: float = 0.5,      # start at t = start * T
+               num_steps: int|None = None, # respaced schedule length (None: the profile's)
+               batch_size: int|None = None, # images per `diffusion_ce` call (None: the profile's)
+               control: bool = True,    # also run with classifier weight 0 (same noise): what the L1-guided DDPM alone does
+               classifier=None,         # explain this model instead (images in [0, 1] -> logits); None: the profile's classifier
+               eps=None, scheduler=None, # use this diffusion model (eps(x_t, t) and its scheduler) instead of the profile's DDPM
+               device: str = "cpu",
+               store_dir=None,          # resumable per-batch store (`run_batched`), one sub-folder per row
+               progress: bool = True,
+              ) -> dict: # table {row: metrics}, raw outputs per row, x01 (originals), idx (data indices), seconds, hp
+    "Diffusion counterfactuals of the ellipse classifier on test images (attribution paper §4.2.1, paper flip rate 82.5 %)."
+    if profile not in ELLIPSE_CE_PROFILES: raise ValueError(f"`profile` must be one of {list(ELLIPSE_CE_PROFILES)}, got {profile!r}")
+    P = dict(ELLIPSE_CE_PROFILES[profile], classifier_weight=classifier_weight, dist_weight=dist_weight, start=start)
+    if num_steps is not None: P["num_steps"] = num_steps
+    if batch_size is not None: P["batch_size"] = batch_size
+    if n != -1: P["n"] = n
+    dev = get_device(device)
+    if (eps is None) != (scheduler is None): raise ValueError("`eps` and `scheduler` must be given together")
+    ddpm = None
+    if eps is None:
+        ddpm = ellipse_ddpm(profile, cache_dir=cache_dir, seed=seed, device=device, progress=progress)
+        eps, scheduler = eps_fn(ddpm["unet"]), ddpm["scheduler"]
+    clf = None
+    if classifier is None:
+        clf = ellipse_models(profile, cache_dir=cache_dir, seed=seed, device=device, which=("classifier",), progress=progress)["classifier"]
+        classifier = clf["model"].to(dev).eval()
+        for p in classifier.parameters(): p.requires_grad_(False)
+    N = ELLIPSE_PROFILES[profile]["n"]
+    data = make_ellipses(N, seed=seed, cache_dir=cache_dir)
+    test = split_indices(N, seed=seed)["test"]
+    if P["n"] is not None:
+        if not 1 <= P["n"] <= len(test): raise ValueError(f"`n` must be in [1, {len(test)}] (test images), got {P['n']}")
+        test = np.sort(np.random.default_rng(seed).choice(test, P["n"], replace=False))
+    x01 = torch.from_numpy(data["images"][test]).float()
+    kw = dict(eps=eps, scheduler=scheduler, classifier=classifier, dist_weight=dist_weight,
+              start=start, num_steps=P["num_steps"])
+    rows = [("diffusion CE", classifier_weight)] + ([("diffusion CE (classifier weight 0)", 0.)] if control else [])
+    table, raw, secs = {}, {}, {}
+    for name, w in rows:
+        t0 = time.time()
+        out = run_batched(diffusion_ce, dict(x=(x01 * 2 - 1).to(dev)), batch_size=P["batch_size"], seed=seed,
+                          store_dir=None if store_dir is None else Path(store_dir)/f"w{w:g}", progress=progress,
+                          classifier_weight=w, **kw)
+        secs[name] = time.time() - t0
+        x_cf01 = ((out["x_cf"] + 1) / 2).clip(0, 1)
+        table[name] = {**ellipse_ce_metrics(x01.numpy(), x_cf01, out), "seconds per CE": secs[name] / len(x01)}
+        raw[name] = {**out, "x_cf01": x_cf01}
+    return dict(table=table, raw=raw, x01=x01.numpy(), idx=test, label=np.asarray(data["label"])[test],
+                log_ar=np.asarray(data["log_ar"])[test], seconds=secs, hp=P, n=len(test),
+                classifier_metrics=None if clf is None else clf["metrics"], ddpm_quality=None if ddpm is None else ddpm["quality"],
+                loaded=dict(ddpm=None if ddpm is None else ddpm["loaded"], classifier=None if clf is None else clf["loaded"]))
+
+# %% ../nbs/05_counterfactuals.ipynb #e11a000a
+CELEBA_CE_PROFILES = {
+    # the DDPM is trained on the classifier's training images at the classifier's resolution (`CELEBA_PROFILES`:
+    # smoke 32 px stand-in, quick 64 px, paper 128 px); n_ddpm: training images held in memory (None: all)
+    "smoke": dict(unet="tiny", n_ddpm=None, ddpm_steps=40, ddpm_batch=16, ddpm_lr=2e-3, n=8, num_steps=20, batch_size=8),
+    "quick": dict(unet="quick", n_ddpm=20_000, ddpm_steps=20_000, ddpm_batch=32, ddpm_lr=2e-4, n=100, num_steps=200, batch_size=25),
+    "paper": dict(unet="celeba", n_ddpm=None, ddpm_steps=300_000, ddpm_batch=64, ddpm_lr=1e-5, n=1000, num_steps=200, batch_size=50),
+}
+
+def _stack_images(ds, idx, progress=False):
+    "Load items `idx` of an image dataset into one (n, C, H, W) tensor."
+    return torch.stack([ds[int(i)][0] for i in tqdm(idx, desc="loading images", disable=not progress, leave=False)])
+
+def celeba_ce(profile: str = "quick", # smoke | quick | paper (`CELEBA_CE_PROFILES`)
+              data_dir="data",        # real CelebA in data_dir/celeba (smoke writes the package's stand-in here)
+              cache_dir=None,         # classifier and DDPM checkpoints
+              seed: int = 0,
+              n: int|None = -1,       # test images to explain (-1: the profile's, None: the whole test split)
+              classifier_weight: float = 0.1, dist_weight: float = 0.15, start: float = 0.5,
+              num_steps: int|None = None, batch_size: int|None = None, # None: the profile's
+              control: bool = True,   # also run with classifier weight 0
+              device: str = "cpu", store_dir=None, progress: bool = True,
+             ) -> dict: # table {row: metrics}, raw, x01, attrs of the explained images, classifier/DDPM info, seconds
+    "Diffusion counterfactuals of the CelebA gender classifier (attribution paper Fig. 9, paper flip rate 62.2 %)."
+    if profile not in CELEBA_CE_PROFILES: raise ValueError(f"`profile` must be one of {list(CELEBA_CE_PROFILES)}, got {profile!r}")
+    P = dict(CELEBA_CE_PROFILES[profile], classifier_weight=classifier_weight, dist_weight=dist_weight, start=start)
+    for k, v in dict(num_steps=num_steps, batch_size=batch_size).items():
+        if v is not None: P[k] = v
+    if n != -1: P["n"] = n
+    dev = get_device(device)
+    clf = celeba_classifier(profile, data_dir=data_dir, cache_dir=cache_dir, seed=seed, device=device, progress=progress)
+    root, size = Path(clf["root"]), clf["config"]["size"]
+    train, test = CelebA(root, "train", size), CelebA(root, "test", size)
+    rng = np.random.default_rng(seed)
+    di = np.arange(len(train)) if P["n_ddpm"] is None or P["n_ddpm"] >= len(train) else np.sort(rng.choice(len(train), P["n_ddpm"], replace=False))
+    t0 = time.time()
+    unet, sched, info = load_or_train_ddpm(_stack_images(train, di, progress), P["unet"], f"celeba-ddpm-{profile}",
+                                           steps=P["ddpm_steps"], cache_dir=cache_dir, seed=seed, with_info=True,
+                                           batch_size=P["ddpm_batch"], lr=P["ddpm_lr"], device=device, progress=progress)
+    ddpm_s = time.time() - t0
+    unet = unet.to(dev).eval(); model = clf["model"].to(dev).eval()
+    for m in (unet, model):
+        for p in m.parameters(): p.requires_grad_(False)
+    ti = np.arange(len(test))
+    if P["n"] is not None:
+        if not 1 <= P["n"] <= len(test): raise ValueError(f"`n` must be in [1, {len(test)}] (test images), got {P['n']}")
+        ti = np.sort(rng.choice(len(test), P["n"], replace=False))
+    x01 = _stack_images(test, ti)
+    kw = dict(eps=eps_fn(unet), scheduler=sched, classifier=model, dist_weight=dist_weight, start=start, num_steps=P["num_steps"])
+    rows = [("diffusion CE", classifier_weight)] + ([("diffusion CE (classifier weight 0)", 0.)] if control else [])
+    table, raw, secs = {}, {}, {}
+    for name, w in rows:
+        t0 = time.time()
+        out = run_batched(diffusion_ce, dict(x=(x01 * 2 - 1).to(dev)), batch_size=P["batch_size"], seed=seed,
+                          store_dir=None if store_dir is None else Path(store_dir)/f"w{w:g}", progress=progress,
+                          classifier_weight=w, **kw)
+        secs[name] = time.time() - t0
+        x_cf01 = ((out["x_cf"] + 1) / 2).clip(0, 1)
+        table[name] = {**ce_summary(out), "L1 per pixel": float(np.abs(x_cf01 - x01.numpy()).mean()),
+                       "seconds per CE": secs[name] / len(x01)}
+        raw[name] = {**out, "x_cf01": x_cf01}
+    a = test.attr_names.index(clf["config"]["target"])
+    return dict(table=table, raw=raw, x01=x01.numpy(), idx=ti, label=test.attrs[ti, a].numpy(), attrs=test.attrs[ti].numpy(),
+                attr_names=list(test.attr_names), seconds=secs, hp=P, n=len(ti), size=size, data=clf["data"],
+                synthetic=clf["synthetic"], classifier_metrics=clf["metrics"], classifier_loaded=clf["loaded"],
+                ddpm_loaded=info["loaded"], ddpm_train_s=info["train_s"], ddpm_seconds=ddpm_s, n_ddpm=len(di))
+
 # %% ../nbs/05_counterfactuals.ipynb #b23d41ff
 SQUARE_CF_PROFILES = {
     # size: working resolution (64 = the paper's); T: length of the DDPM chain that is trained (the first T steps of the
@@ -586,7 +788,8 @@ def square_counterfactual_eval(setup: dict,          # output of `square_setup`
     if "Diff-AE-RE" in methods:
         if setup.get("ae") is None: raise ValueError("`setup` has no diffusion autoencoder under 'ae' (needed for Diff-AE-RE)")
         kw = dict(f=setup["f"], ae=setup["ae"], threshold=thr, train_range=setup["train_range"],
-                  **{k: P[f"ae_{k}"] for k in ("lr", "max_steps", "lam", "decode_steps", "encode_steps")})
+                  **{k: P[f"ae_{k}"] for k in ("lr", "max_steps", "lam", "decode_steps", "encode_steps")},
+                  distance=P.get("ae_distance", "l1-latent"))
         runs = [("", {})] + ([(" (guidance 0)", dict(guidance=0., max_steps=0))] if control else [])
         for tag, extra in runs:
             t0 = time.time()

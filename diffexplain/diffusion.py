@@ -211,12 +211,14 @@ def train_diffusion(model: nn.Module, # epsilon-model: `UNet2DModel`, or a model
                     lr_schedule: str = "constant", # constant | cosine | linear (diffusers `get_scheduler`, to 0 at `steps`)
                     lr_warmup: int = 0, # linear warm-up steps of the learning rate
                     ema_power: float|None = None, # None: fixed `ema_decay`; else EMA warm-up 1-(1+step)^-power, capped at `ema_decay`
+                    objective: str = "eps", # eps: MSE on the noise; v: MSE on v = sqrt(ab) eps - sqrt(1-ab) x0 (eps error / alpha_bar_t)
                    ) -> dict: # model (trained), ema (copy with EMA weights), losses (this run), start_step, ckpt_dir
     "Train an epsilon-prediction diffusion model with EMA, clipping, checkpoints and exact resume."
     images = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images).float()
     check_tensor(images, "images", ndim=(4, 5), value_range=(0.0, 1.0))
     for name, v in dict(steps=steps, batch_size=batch_size, ckpt_every=ckpt_every).items():
         if not isinstance(v, (int, np.integer)) or v < 1: raise ValueError(f"`{name}` must be a positive int, got {v!r}")
+    if objective not in ("eps", "v"): raise ValueError(f"`objective` must be 'eps' or 'v', got {objective!r}")
     if lr_schedule not in ("constant", "cosine", "linear"): raise ValueError(f"`lr_schedule` must be constant, cosine or linear, got {lr_schedule!r}")
     if not isinstance(lr_warmup, (int, np.integer)) or not 0 <= lr_warmup < steps: raise ValueError(f"`lr_warmup` must be an int in [0, steps), got {lr_warmup!r}")
     scheduler = scheduler or make_scheduler()
@@ -230,7 +232,8 @@ def train_diffusion(model: nn.Module, # epsilon-model: `UNet2DModel`, or a model
                          data=data_fingerprint(images), batch_size=batch_size, lr=lr, ema_decay=ema_decay,
                          grad_clip=grad_clip, seed=seed, lr_schedule=lr_schedule, lr_warmup=lr_warmup, ema_power=ema_power,
                          total_steps=steps if lr_schedule != "constant" else None,
-                         transform=None if transform is None else getattr(transform, "config", getattr(transform, "__name__", repr(transform)))))
+                         transform=None if transform is None else getattr(transform, "config", getattr(transform, "__name__", repr(transform))))
+               | ({} if objective == "eps" else dict(objective=objective))) # eps runs keep their old checkpoint config
     acc = Accelerator(mixed_precision=mixed_precision, cpu=dev.type == "cpu")
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model, opt = acc.prepare(model, opt)
@@ -265,7 +268,9 @@ def train_diffusion(model: nn.Module, # epsilon-model: `UNet2DModel`, or a model
         t = torch.randint(0, T, (batch_size,), generator=g).to(acc.device)
         with acc.autocast():
             x_t = sched_dev.add_noise(x0, noise, t)
-            loss = F.mse_loss(_call(model, x_t, t, x0 if conditional else None).float(), noise)
+            err = (_call(model, x_t, t, x0 if conditional else None).float() - noise).pow(2).flatten(1).mean(1)
+            # v-objective: ||v - v_hat||^2 = ||eps - eps_hat||^2 / alpha_bar_t (Salimans & Ho 2022)
+            loss = (err if objective == "eps" else err/sched_dev.alphas_cumprod[t].float()).mean()
         acc.backward(loss)
         if grad_clip: acc.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step(); opt.zero_grad(set_to_none=True); lrs.step()
@@ -413,42 +418,57 @@ def ellipse_ddpm(profile: str = "quick", # "smoke" | "quick" | "paper" (see `DDP
 
 # %% ../nbs/02_diffusion.ipynb #f98617da
 class SemanticEncoder(nn.Module):
-    "CNN encoder x0 in [-1, 1] -> z_sem: strided conv stages, GroupNorm + SiLU, global average pool, linear."
+    "CNN encoder x0 in [-1, 1] -> z_sem: strided conv stages with GroupNorm + SiLU, then the final map flattened (or pooled), linear."
     def __init__(self, in_channels: int = 3, # image channels
                  z_dim: int = 512, # size of z_sem
                  channels: tuple = (32, 64, 128, 256), # widths of the stride-2 stages
+                 sample_size: int|None = None, # image size: flatten the final map (keeps *where* things are); None: global average pool
                 ):
         super().__init__()
         layers, c = [nn.Conv2d(in_channels, channels[0], 3, padding=1)], channels[0]
         for w in channels:
             layers += [nn.GroupNorm(min(8, c), c), nn.SiLU(), nn.Conv2d(c, w, 3, stride=2, padding=1)]; c = w
-        self.net = nn.Sequential(*layers, nn.GroupNorm(min(8, c), c), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                 nn.Linear(c, z_dim))
+        if sample_size is None: head, n_in = [nn.AdaptiveAvgPool2d(1), nn.Flatten()], c
+        else:
+            s = sample_size // 2**len(channels)
+            if s < 1 or sample_size % 2**len(channels): raise ValueError(f"`sample_size` must be a multiple of {2**len(channels)} for {len(channels)} stages, got {sample_size!r}")
+            head, n_in = [nn.Flatten()], c*s*s
+        self.net = nn.Sequential(*layers, nn.GroupNorm(min(8, c), c), nn.SiLU(), *head, nn.Linear(n_in, z_dim))
     def forward(self, x): return self.net(x)
 
 class DiffAE(nn.Module):
-    "Diffusion autoencoder: semantic encoder + `UNet2DModel` decoder conditioned on z_sem."
+    "Diffusion autoencoder: semantic encoder + `UNet2DModel` decoder conditioned on z_sem; `forward` returns eps."
     conditions_on_x0 = True
     def __init__(self, profile: str = "square", # `make_unet2d` profile of the decoder
                  in_channels: int = 3, # image channels
                  sample_size: int = 64, # image size
                  z_dim: int = 512, # size of z_sem
                  enc_channels: tuple = (32, 64, 128, 256), # semantic encoder widths
+                 enc_pool: str = "flatten", # encoder head: flatten (position-aware) | avg (global average pool)
+                 prediction: str = "v", # what the U-Net outputs: v (converted to eps with `make_scheduler()`'s alpha_bar) | eps
                 ):
         super().__init__()
+        if enc_pool not in ("flatten", "avg"): raise ValueError(f"`enc_pool` must be 'flatten' or 'avg', got {enc_pool!r}")
+        if prediction not in ("v", "eps"): raise ValueError(f"`prediction` must be 'v' or 'eps', got {prediction!r}")
         base = make_unet2d(profile, in_channels, sample_size) # validates the arguments
         kw = {k: v for k, v in dict(base.config).items() if not k.startswith("_")}
         self.unet = UNet2DModel(**(kw | dict(class_embed_type="identity", resnet_time_scale_shift="scale_shift")))
-        self.encoder = SemanticEncoder(in_channels, z_dim, tuple(enc_channels))
+        self.encoder = SemanticEncoder(in_channels, z_dim, tuple(enc_channels), sample_size if enc_pool == "flatten" else None)
         self.proj = nn.Linear(z_dim, kw["block_out_channels"][0]*4) # time-embedding width of UNet2DModel
+        self.prediction = prediction
+        self.register_buffer("alpha_bar", make_scheduler().alphas_cumprod.float(), persistent=False)
         self.config = dict(profile=profile, in_channels=in_channels, sample_size=sample_size, z_dim=z_dim,
-                           enc_channels=list(enc_channels))
+                           enc_channels=list(enc_channels), enc_pool=enc_pool, prediction=prediction)
     def encode(self, x0): # (n, C, H, W) in [-1, 1] -> (n, z_dim)
         "Semantic code z_sem of clean images."
         return self.encoder(x0)
     def forward(self, x_t, t, cond): # cond: clean images (n, C, H, W) or z_sem (n, z_dim)
         z = self.encode(cond) if cond.ndim == 4 else cond
-        return self.unet(x_t, t, class_labels=self.proj(z)).sample
+        out = self.unet(x_t, t, class_labels=self.proj(z)).sample
+        if self.prediction == "eps": return out
+        ab = self.alpha_bar[t].view(-1, *([1]*(x_t.ndim - 1))) # v -> eps = sqrt(ab) v + sqrt(1 - ab) x_t
+        return ab.sqrt()*out + (1 - ab).sqrt()*x_t
+
 
 # %% ../nbs/02_diffusion.ipynb #1c55cb58
 def ddim_timesteps(num_train_timesteps: int, # T
@@ -458,8 +478,10 @@ def ddim_timesteps(num_train_timesteps: int, # T
     if not 1 <= num_steps <= num_train_timesteps: raise ValueError(f"`num_steps` must be in [1, {num_train_timesteps}], got {num_steps}")
     return (torch.arange(num_steps)*(num_train_timesteps//num_steps)).long()
 
-def _ddim_move(x, e, ab_t, ab_s):
+def _ddim_move(x, e, ab_t, ab_s, clip):
     x0_hat = (x - (1 - ab_t).sqrt()*e)/ab_t.sqrt()
+    if clip and float(ab_t) < 1: # clip x0_hat to the data range, then the eps that goes with it (guided-diffusion's DDIM)
+        x0_hat = x0_hat.clamp(-1, 1); e = (x - ab_t.sqrt()*x0_hat)/(1 - ab_t).sqrt()
     return ab_s.sqrt()*x0_hat + (1 - ab_s).sqrt()*e
 
 def ddim_encode(eps, # callable eps(x_t, t), e.g. `eps_fn(diffae, z_sem)`
@@ -467,6 +489,7 @@ def ddim_encode(eps, # callable eps(x_t, t), e.g. `eps_fn(diffae, z_sem)`
                 scheduler: DDPMScheduler, # gives alpha_bar
                 num_steps: int = 20, # DDIM steps (the regression paper: 20)
                 progress: bool = False, # tqdm bar
+                clip_x0: bool = True, # clip x0_hat to [-1, 1] at each step (Diff-AE's `clip_denoised`)
                ) -> torch.Tensor: # x_T, same shape as x0
     "Deterministic DDIM inversion x0 -> x_T (no gradients)."
     ab = scheduler.alphas_cumprod.to(x0.device, torch.float32); ts = ddim_timesteps(len(ab), num_steps)
@@ -474,7 +497,7 @@ def ddim_encode(eps, # callable eps(x_t, t), e.g. `eps_fn(diffae, z_sem)`
     x = x0 # level k holds x at timestep ts[k-1]; level 0 is the clean image
     with torch.no_grad():
         for k in tqdm(range(num_steps), desc="DDIM encode", disable=not progress, leave=False):
-            x = _ddim_move(x, eps(x, int(ts[max(k - 1, 0)])), levels[k], levels[k + 1]) # eps at the current level
+            x = _ddim_move(x, eps(x, int(ts[max(k - 1, 0)])), levels[k], levels[k + 1], clip_x0) # eps at the current level
     return x
 
 def ddim_decode(eps, # callable eps(x_t, t); gradients flow to whatever it closes over (z_sem)
@@ -482,23 +505,24 @@ def ddim_decode(eps, # callable eps(x_t, t); gradients flow to whatever it close
                 scheduler: DDPMScheduler, # gives alpha_bar
                 num_steps: int = 10, # DDIM steps (the regression paper: 10)
                 progress: bool = False, # tqdm bar
-               ) -> torch.Tensor: # x0 in (about) [-1, 1], differentiable
+                clip_x0: bool = True, # clip x0_hat to [-1, 1] at each step (Diff-AE's `clip_denoised`; no gradient where clipped)
+               ) -> torch.Tensor: # x0 in [-1, 1] (about, without `clip_x0`), differentiable
     "Deterministic DDIM decoding x_T -> x0, differentiable (the regression paper's 10-step decoder)."
     ab = scheduler.alphas_cumprod.to(x_T.device, torch.float32); ts = ddim_timesteps(len(ab), num_steps)
     levels = [torch.ones((), device=x_T.device)] + [ab[t] for t in ts]
     x = x_T
     for k in tqdm(range(num_steps, 0, -1), desc="DDIM decode", disable=not progress, leave=False):
-        x = _ddim_move(x, eps(x, int(ts[k - 1])), levels[k], levels[k - 1])
+        x = _ddim_move(x, eps(x, int(ts[k - 1])), levels[k], levels[k - 1], clip_x0)
     return x
 
 # %% ../nbs/02_diffusion.ipynb #9ac42b46
 SQUARE_DIFFAE_PROFILES = {
     "smoke": dict(unet="tiny", size=16, n=256, steps=20, batch_size=8, lr=2e-3, lr_schedule="cosine", lr_warmup=2,
-                  ema_decay=0.999, ema_power=2/3, enc_channels=(8, 16), ckpt_every=10, n_test=8),
+                  ema_decay=0.999, ema_power=2/3, enc_channels=(8, 16), ckpt_every=10, n_test=8, objective="v"),
     "quick": dict(unet="small", size=32, n=4000, steps=1500, batch_size=32, lr=2e-3, lr_schedule="cosine", lr_warmup=100,
-                  ema_decay=0.999, ema_power=2/3, enc_channels=(16, 32, 64), ckpt_every=250, n_test=64),
+                  ema_decay=0.999, ema_power=2/3, enc_channels=(16, 32, 64), ckpt_every=250, n_test=64, objective="v"),
     "paper": dict(unet="square", size=64, n=16_000, steps=100_000, batch_size=64, lr=1e-4, lr_schedule="constant",
-                  lr_warmup=0, ema_decay=0.9999, ema_power=None, enc_channels=(32, 64, 128, 256), ckpt_every=5000, n_test=512),
+                  lr_warmup=0, ema_decay=0.9999, ema_power=None, enc_channels=(32, 64, 128, 256), ckpt_every=5000, n_test=512, objective="v"),
 }
 
 def _pool(x, f): # (n, C, H, W) array/tensor -> float tensor, f×f average-pooled
@@ -529,7 +553,8 @@ def square_diffae(profile: str = "quick", # "smoke" | "quick" | "paper" (see `SQ
     try:
         data = make_squares(p["n"] + p["n_test"], seed=seed)
         x = _pool(data["images"], f); train, test = x[:p["n"]], x[p["n"]:]
-        arch = dict(profile=p["unet"], in_channels=3, sample_size=p["size"], z_dim=512, enc_channels=tuple(p["enc_channels"]))
+        arch = dict(profile=p["unet"], in_channels=3, sample_size=p["size"], z_dim=512, enc_channels=tuple(p["enc_channels"]),
+                    enc_pool="flatten", prediction="v" if p["objective"] == "v" else "eps") # in the cache key (cfg)
         cfg = dict(arch=arch, seed=seed, data=data_fingerprint(train), **{k: v for k, v in p.items() if k not in ("enc_channels", "n_test")})
         root = cache_path(f"square-diffae-{profile}", cfg, cache_dir); final = root/f"ema-step{p['steps']}"
         dev = get_device(device); sched = make_scheduler()
@@ -538,7 +563,7 @@ def square_diffae(profile: str = "quick", # "smoke" | "quick" | "paper" (see `SQ
             train_s = json.loads((final/"train.json").read_text())["train_s"]
         else:
             seed_everything(seed); model = DiffAE(**arch); t0 = time.time()
-            keys = ("batch_size", "lr", "lr_schedule", "lr_warmup", "ema_decay", "ema_power", "ckpt_every")
+            keys = ("batch_size", "lr", "lr_schedule", "lr_warmup", "ema_decay", "ema_power", "ckpt_every", "objective")
             r = train_diffusion(model, train, sched, steps=p["steps"], seed=seed, ckpt_dir=root, device=device,
                                 progress=progress, **{k: p[k] for k in keys})
             model, loaded, train_s = r["ema"].cpu(), False, time.time() - t0
@@ -562,7 +587,15 @@ def square_diffae(profile: str = "quick", # "smoke" | "quick" | "paper" (see `SQ
                 xi = from_model_range(ddim_decode(eps_fn(model, zi), xT_dark.expand(len(alpha), -1, -1, -1), sched, 10)).cpu()
             m = mask[0, 0]
             red = [float(im[0][m].mean()) for im in xi]
+            tm = _pool(data["mask"][p["n"]:].astype(np.float32), f)[:, 0] > 0.999 # test pixels fully inside the square
+            red_of = lambda im: torch.stack([a[0][b].mean() for a, b in zip(from_model_range(im).cpu(), tm)]) # (n,) mean red in the square
+            red0, red_rec, red_rnd = red_of(x0), red_of(rec), red_of(rnd)
+            level = lambda im: from_model_range(im).mean((1, 2, 3)).cpu() # (n,) mean grey level: mostly the background
             out = dict(mse_rec=F.mse_loss(rec, x0).item(), mse_random_xT=F.mse_loss(rnd, x0).item(),
+                       red_err_rec=float((red_rec - red0).abs().mean()), red_err_random_xT=float((red_rnd - red0).abs().mean()),
+                       red_err_shuffled=float((red0.roll(1) - red0).abs().mean()), z_std=float(z.std()),
+                       level_err_random_xT=float((level(rnd) - level(x0)).abs().mean()),
+                       level_err_shuffled=float((level(x0).roll(1) - level(x0)).abs().mean()),
                        alpha=alpha.flatten().tolist(), red=red, red_dark=float(pair[0, 0][m].mean()),
                        red_bright=float(pair[1, 0][m].mean()), interp=xi.numpy().tolist())
             atomic_write(mpath, lambda tmp: tmp.write_text(json.dumps(out)))

@@ -163,7 +163,8 @@ def test_ellipse_quality_check(ellipses16):
 def test_diffae_encode_decode_and_gradients(ellipses16):
     seed_everything(0); s = D.make_scheduler()
     dae = D.DiffAE("tiny", 1, 16, enc_channels=(8, 16))
-    dae = D.train_diffusion(dae, ellipses16[:96], s, steps=40, batch_size=16, lr=2e-3, ema_decay=0.9, progress=False)["model"].eval()
+    dae = D.train_diffusion(dae, ellipses16[:96], s, steps=40, batch_size=16, lr=2e-3, ema_decay=0.9, objective="v",
+                            progress=False)["model"].eval()
     x0 = D.to_model_range(torch.from_numpy(ellipses16[96:104]))
     with torch.no_grad(): z = dae.encode(x0)
     assert z.shape == (8, 512)
@@ -177,6 +178,49 @@ def test_diffae_encode_decode_and_gradients(ellipses16):
     # with a zero eps-model, DDIM encode/decode is an exact inverse
     zero = lambda x, t: torch.zeros_like(x)
     assert torch.allclose(D.ddim_decode(zero, D.ddim_encode(zero, x0, s, 10), s, 10), x0, atol=1e-4)
+
+
+def test_diffae_v_prediction_and_encoder_head():
+    "DiffAE(prediction='v') returns eps = sqrt(ab) v + sqrt(1-ab) x_t of the same U-Net; the flatten head sees position."
+    seed_everything(0)
+    v, e = D.DiffAE("tiny", 1, 16, enc_channels=(8, 16), prediction="v"), D.DiffAE("tiny", 1, 16, enc_channels=(8, 16), prediction="eps")
+    e.load_state_dict(v.state_dict())
+    x_t, z, t = torch.randn(3, 1, 16, 16), torch.randn(3, 512), torch.tensor([0, 500, 999])
+    ab = D.make_scheduler().alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    with torch.no_grad(): assert torch.allclose(v(x_t, t, z), ab.sqrt()*e(x_t, t, z) + (1 - ab).sqrt()*x_t, atol=1e-6)
+    assert v.config["prediction"] == "v" and v.config["enc_pool"] == "flatten"
+    enc = D.SemanticEncoder(1, 4, (8, 16), sample_size=16)
+    assert enc.net[-1].in_features == 16*4*4 and enc(torch.randn(2, 1, 16, 16)).shape == (2, 4)
+    assert D.SemanticEncoder(1, 4, (8, 16)).net[-1].in_features == 16 # global average pool
+    with pytest.raises(ValueError, match="sample_size"): D.SemanticEncoder(1, 4, (8, 16), sample_size=18)
+    with pytest.raises(ValueError, match="prediction"): D.DiffAE("tiny", 1, 16, prediction="x0")
+    with pytest.raises(ValueError, match="enc_pool"): D.DiffAE("tiny", 1, 16, enc_pool="max")
+
+
+def test_train_diffusion_v_objective(ellipses16, tmp_path):
+    "objective='v' weights each sample's eps error by 1/alpha_bar_t, is recorded in the checkpoint config, and is validated."
+    seed_everything(0); s = D.make_scheduler()
+    r = D.train_diffusion(D.DiffAE("tiny", 1, 16, enc_channels=(8, 16)), ellipses16[:32], s, steps=3, batch_size=8, objective="v",
+                          ckpt_dir=tmp_path/"v", progress=False)
+    assert np.isfinite(r["losses"]).all() and json.loads((tmp_path/"v"/"config.json").read_text())["objective"] == "v"
+    D.train_diffusion(D.make_unet2d("tiny", 1, 16), ellipses16[:32], s, steps=1, batch_size=8, ckpt_dir=tmp_path/"eps", progress=False)
+    assert "objective" not in json.loads((tmp_path/"eps"/"config.json").read_text()) # eps runs keep their old config
+    with pytest.raises(ValueError, match="objective"): D.train_diffusion(D.make_unet2d("tiny", 1, 16), ellipses16, steps=1, objective="x0")
+    # the weight: a model predicting eps = 0 has eps-loss |noise|^2 ~ 1, v-loss ~ mean 1/alpha_bar_t >> 1
+    class Zero(torch.nn.Module):
+        def __init__(self): super().__init__(); self.w = torch.nn.Parameter(torch.zeros(()))
+        def forward(self, x_t, t): return torch.zeros_like(x_t) + 0*self.w
+    le = D.train_diffusion(Zero(), ellipses16, s, steps=20, batch_size=8, lr=0., progress=False)["losses"].mean()
+    lv = D.train_diffusion(Zero(), ellipses16, s, steps=20, batch_size=8, lr=0., objective="v", progress=False)["losses"].mean()
+    assert 0.8 < le < 1.2 and lv > 100*le
+
+
+def test_ddim_clip_x0():
+    "With clipping, a decoder whose eps implies an out-of-range x0 still lands in [-1, 1]; without, it does not."
+    s = D.make_scheduler(); x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    bad = lambda x, t: -2*x                                    # implies |x0_hat| far above 1
+    assert D.ddim_decode(bad, x_T, s, 10).abs().max() <= 1 + 1e-5
+    assert D.ddim_decode(bad, x_T, s, 10, clip_x0=False).abs().max() > 2
 
 
 def test_latent_diffusion_3d_end_to_end():
