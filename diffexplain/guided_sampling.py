@@ -11,15 +11,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from diffusers import DDIMInverseScheduler, DDIMScheduler
+from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
-from .data import check_tensor, config_hash, load_arrays, save_arrays
+from .data import cache_path, check_tensor, config_hash, load_arrays, make_ellipses, save_arrays, split_indices
+from .models import ELLIPSE_PROFILES, ellipse_models
+from .diffusion import ddim_encode, ellipse_ddpm, from_model_range, eps_fn as unet_eps
 
 # %% auto #0
-__all__ = ['PAPER_RHO', 'SWEEP_KEYS', 'gaussian_eps', 'rho_schedule', 'x0_from_eps', 'dps_direction', 'downsample_mask',
-           'check_mask', 'respaced', 'constrained_sample', 'reject', 'acceptance_rates', 'feature_stats',
-           'sample_seeds', 'target_file', 'load_sweep', 'constrained_sweep', 'accelerate_sweep', 'sampling_study',
-           'best_rho', 'plot_sampling_study', 'ddim_invert', 'guided_edit']
+__all__ = ['PAPER_RHO', 'SWEEP_KEYS', 'SAMPLER_PROFILES', 'gaussian_eps', 'rho_schedule', 'x0_from_eps', 'dps_direction',
+           'downsample_mask', 'check_mask', 'respaced', 'constrained_sample', 'reject', 'acceptance_rates',
+           'feature_stats', 'sample_seeds', 'target_file', 'load_sweep', 'constrained_sweep', 'accelerate_sweep',
+           'sampling_study', 'best_rho', 'few_step_matches', 'validated_setting', 'parse_rho', 'plot_sampling_study',
+           'ellipse_sampling_study', 'ddim_scheduler', 'ddim_invert', 'guided_edit']
 
 # %% ../nbs/03_guided_sampling.ipynb #d28e1f9f
 def gaussian_eps(scheduler, # diffusers scheduler providing `alphas_cumprod`
@@ -333,34 +336,87 @@ def accelerate_sweep(*args, cpu: bool|None = None, # force CPU/gloo; default: wh
     return load_sweep(out_dir, m, images=kwargs.get("keep_images", False))
 
 # %% ../nbs/03_guided_sampling.ipynb #d8ac9ffd
+def _boot_mean_ci(x, # (N,) per-sample values
+                  n_boot: int = 2000, # bootstrap resamples
+                  level: float = 0.95, # CI level
+                  seed: int = 0, # resampling seed
+                 ) -> tuple: # (lo, hi) percentile CI of the mean
+    "Percentile bootstrap interval of the mean of `x`."
+    x = np.asarray(x, np.float64).reshape(-1); rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), (int(n_boot), len(x)))].mean(1)
+    return tuple(float(q) for q in np.percentile(means, [50*(1 - level), 50*(1 + level)]))
+
+def _rho_label(r): # "0.4" for a constant, "0.1@0_0.8@400" for pieces {0: 0.1, 400: 0.8}
+    return f"{r:g}" if not isinstance(r, dict) else "_".join(f"{float(v):g}@{int(k)}" for k, v in sorted((int(k), v) for k, v in r.items()))
+
+def _study_grid(steps, rhos):
+    "[(steps, ρ), ...]: one ρ grid for every number of steps, or a {steps: grid}; a ρ is a float or {first_t: value} pieces."
+    out = []
+    for k in steps:
+        if not (isinstance(k, (int, np.integer)) and k >= 1): raise ValueError(f"`steps` must hold ints ≥ 1, got {k!r}")
+        if isinstance(rhos, dict) and k not in rhos: raise ValueError(f"`rhos` has no ρ grid for {k} steps (keys {sorted(rhos)})")
+        grid = rhos[k] if isinstance(rhos, dict) else rhos
+        for r in (grid if isinstance(grid, (list, tuple)) else [grid]):
+            r = {int(t): float(v) for t, v in r.items()} if isinstance(r, dict) else float(r)
+            rho_schedule(r); out.append((int(k), r))
+    return out
+
 def sampling_study(eps_fn: Callable, # eps(x_t, t)
                    scheduler, # diffusers scheduler
-                   g: Callable, # differentiable feature map
+                   g: Callable, # differentiable feature map (guidance)
                    c0, # (m,) or (m, k) targets, sampled together
                    n: int, # samples per target
                    sample_shape: tuple, # (C, *spatial)
                    sigma_v, # σ_V for the acceptance rate
                    steps=(1000, 250, 50, 25), # numbers of sampling steps to compare
-                   rhos=(0.03, 0.1, 0.3, 1.0), # ρ grid tried at every number of steps
+                   rhos=(0.03, 0.1, 0.3, 1.0), # ρ grid tried at every number of steps, or {steps: grid}; ρ: float or {first_t: value}
                    seed: int = 0, # seeds as in `constrained_sweep`
                    tol: float = 0.3, # rejection half-width in σ_V
+                   classifier: Callable|None = None, # final (decoded) images -> (N,) decisions; None: y is NaN
+                   score_fn: Callable|None = None, # dict(target, v, y, accepted, group) -> dict of extra columns
+                   measure: Callable|None = None, # feature measured on the final images; default `g`
+                   out_dir=None, # keep each setting's per-sample results here; a rerun loads them
+                   n_boot: int = 2000, # bootstrap resamples for the constraint error's interval
+                   progress: bool = False, # tqdm over settings
                    **kwargs, # passed to `constrained_sample` (decode, amp_dtype, step_kwargs, ...)
-                  ): # pandas DataFrame: steps, rho, err (mean |g − c0|), accept, seconds, samples_per_s
-    "Constraint error, acceptance and time of the guided sampler for each number of steps and ρ."
+                  ): # DataFrame: steps, rho (ρ at t=0), rho_max, rho_pieces, err, err_lo, err_hi, accept, seconds, cpu_s, samples_per_s (+ score_fn's)
+    "Constraint error (with bootstrap CI), acceptance, time and score of the guided sampler for each number of steps and ρ."
     import pandas as pd
-    tg = np.asarray(c0, dtype=np.float32); m = len(tg)
-    cc = torch.as_tensor(np.repeat(tg, n, axis=0))
+    tg = np.asarray(c0, dtype=np.float32)
+    if tg.ndim not in (1, 2) or len(tg) == 0 or not np.isfinite(tg).all():
+        raise ValueError(f"`c0` must be a finite (m,) or (m, k) array with m ≥ 1, got shape {tg.shape}")
+    if not (isinstance(n, (int, np.integer)) and n >= 1): raise ValueError(f"`n` must be an int ≥ 1, got {n!r}")
+    grid = _study_grid(steps, rhos)
+    m, decode, measure = len(tg), kwargs.get("decode"), measure or g
+    N, group, target = m*n, np.repeat(np.arange(m), n), np.repeat(tg, n, axis=0)
+    base = dict(c0=tg.tolist(), n=int(n), shape=list(sample_shape), seed=int(seed), step_kwargs=kwargs.get("step_kwargs"),
+                scheduler={k: v for k, v in scheduler.config.items() if not k.startswith("_")})
     rows = []
-    for k in tqdm(steps, desc="steps", leave=False):
-        for r in rhos:
+    for k, r in tqdm(grid, desc="sampling study", disable=not progress):
+        h = config_hash({**base, "steps": k, "rho": r})
+        f = Path(out_dir)/f"steps{k:04d}-rho{_rho_label(r)}.npz" if out_dir is not None else None
+        if f is not None and _is_done(f, h):
+            z = load_arrays(f); v, y, dt, cpu = z["v"], z["y"], float(z["seconds"]), float(z["cpu_s"])
+        else:
             gens = [torch.Generator().manual_seed(int(s)) for j in range(m) for s in sample_seeds(seed, j, n)]
-            t0 = time.perf_counter()
-            x = constrained_sample(eps_fn, scheduler, (m*n, *sample_shape), g, cc, r, generator=gens, num_steps=int(k), **kwargs)
-            dt = time.perf_counter() - t0
-            with torch.no_grad(): v = g(kwargs["decode"](x) if kwargs.get("decode") else x).float().numpy()
-            err = np.abs(v - cc.numpy()).reshape(m*n, -1).mean()
-            rows.append(dict(steps=int(k), rho=float(r), err=float(err), accept=float(reject(v, cc.numpy(), sigma_v, tol).mean()),
-                             seconds=dt, samples_per_s=m*n/dt))
+            t0, c0_ = time.perf_counter(), time.process_time()
+            x = constrained_sample(eps_fn, scheduler, (N, *sample_shape), g, torch.as_tensor(target), r, generator=gens,
+                                   num_steps=k, **kwargs)
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0_
+            with torch.no_grad():
+                img = decode(x) if decode is not None else x
+                v = measure(img).float().cpu().numpy()
+                y = (classifier(img).float().reshape(N).cpu().numpy() if classifier is not None
+                     else np.full(N, np.nan, np.float32))
+            if f is not None: save_arrays(f, v=v, y=y, seconds=np.float64(dt), cpu_s=np.float64(cpu), config_hash=np.array(h))
+        err = np.abs(v - target).reshape(N, -1).mean(1)
+        acc = reject(v, target, sigma_v, tol)
+        lo, hi = _boot_mean_ci(err, n_boot, seed=seed)
+        rt = rho_schedule(r)
+        row = dict(steps=k, rho=rt(0), rho_max=max(rt(int(t)) for t in respaced(scheduler, k).timesteps), rho_pieces=_rho_label(r),
+                   err=float(err.mean()), err_lo=lo, err_hi=hi, accept=float(acc.mean()), seconds=dt, cpu_s=cpu, samples_per_s=N/dt)
+        if score_fn is not None: row |= score_fn(dict(target=target, v=v, y=y, accepted=acc, group=group))
+        rows.append(row)
     return pd.DataFrame(rows)
 
 def best_rho(study, # DataFrame from `sampling_study`
@@ -368,17 +424,109 @@ def best_rho(study, # DataFrame from `sampling_study`
     "The re-tuned ρ for each number of steps."
     return study.loc[study.groupby("steps")["err"].idxmin()].sort_values("steps", ascending=False).reset_index(drop=True)
 
+def few_step_matches(study, # DataFrame from `sampling_study` with one reference row
+                     ref_steps: int = 1000, # number of steps of the reference sampler
+                    ): # the other rows with err_ok, score_ok, ok flags, by steps then error
+    "Flag the settings whose constraint error and score lie within the reference sampler's bootstrap intervals."
+    ref = study[study["steps"] == ref_steps]
+    if len(ref) != 1: raise ValueError(f"`study` must hold exactly one reference row with steps={ref_steps}, got {len(ref)}")
+    ref, few = ref.iloc[0], study[study["steps"] != ref_steps].copy()
+    few["err_ok"] = few["err"] <= ref["err_hi"]
+    few["score_ok"] = (few["score"].between(ref["score_lo"], ref["score_hi"]) if {"score", "score_lo", "score_hi"} <= set(study)
+                       else True)
+    few["ok"] = few["err_ok"] & few["score_ok"]
+    return few.sort_values(["steps", "err"]).reset_index(drop=True)
+
+def validated_setting(study, # DataFrame from `sampling_study` with one reference row
+                      ref_steps: int = 1000, # number of steps of the reference sampler
+                     ) -> dict|None: # dict(num_steps, rho) of the cheapest match, None if nothing matches
+    "The fewest-steps setting (lowest error among equals) that matches the reference sampler."
+    ok = few_step_matches(study, ref_steps).query("ok")
+    return None if ok.empty else dict(num_steps=int(ok["steps"].iloc[0]), rho=parse_rho(ok["rho_pieces"].iloc[0]))
+
+def parse_rho(label: str, # `rho_pieces` of a study row: "0.4" or "0.1@0_0.8@400"
+             ): # float, or {first_t: value} pieces for `rho_schedule`
+    "The ρ of a study row, as `constrained_sample` takes it."
+    parts = [p.split("@") for p in str(label).split("_")]
+    return float(parts[0][0]) if len(parts) == 1 and len(parts[0]) == 1 else {int(t): float(v) for v, t in parts}
+
 def plot_sampling_study(study, # DataFrame from `sampling_study`
-                        ax=None, # matplotlib axes (a new 2-panel figure when None)
+                        ref_steps: int|None = None, # reference row, drawn as its estimate and 95% band
                        ):
-    "Steps vs constraint error (per ρ) and vs time: the few-step trade-off."
+    "The few-step trade-off: steps vs constraint error, score (if present) and time; colour = ρ."
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 2, figsize=(7, 2.6), dpi=72) if ax is None else (None, ax)
-    for r, d in study.groupby("rho"): ax[0].plot(d["steps"], d["err"], "o-", label=f"ρ={r:g}")
-    b = best_rho(study); ax[1].plot(b["steps"], b["seconds"], "o-")
-    for a, yl in zip(ax, ["mean |g(x) − c0|", "seconds (best ρ)"]): a.set(xscale="log", yscale="log", xlabel="steps", ylabel=yl)
-    ax[0].legend(fontsize=7); plt.tight_layout()
+    cols = [("err", "mean |g(x) − c0|")] + ([("score", "global score")] if "score" in study and study["score"].notna().any() else [])
+    fig, ax = plt.subplots(1, len(cols) + 1, figsize=(3.1*(len(cols) + 1), 2.7), dpi=72, constrained_layout=True)
+    ref = study[study["steps"] == ref_steps] if ref_steps is not None else study.iloc[:0]
+    few = study.drop(ref.index)
+    for a, (c, yl) in zip(ax, cols):
+        if len(ref):
+            r = ref.iloc[0]
+            a.axhspan(r[f"{c}_lo"], r[f"{c}_hi"], color="C3", alpha=0.2, lw=0, label=f"{int(r['steps'])} steps, ρ={r['rho_pieces']} (95% CI)")
+            a.axhline(r[c], color="C3", lw=1)
+        b = best_rho(few); a.plot(b["steps"], b[c], "-", color="0.6", lw=1, zorder=1, label="lowest-error ρ")
+        pw = few["rho_max"] > few["rho"]
+        for mk, sel in (("o", ~pw), ("^", pw)):
+            sc = a.scatter(few["steps"][sel], few[c][sel], c=np.log10(few["rho_max"][sel]), cmap="viridis", marker=mk, s=20,
+                           zorder=3, vmin=np.log10(few["rho_max"].min()), vmax=np.log10(few["rho_max"].max()))
+        a.set(xscale="log", xlabel="steps", ylabel=yl)
+    if (study["err"] > 0).all(): ax[0].set_yscale("log")
+    ax[0].legend(fontsize=6)
+    fig.colorbar(sc, ax=ax[len(cols) - 1], label="log10 ρ (early ρ for ▲: two pieces)")
+    ax[-1].plot(study["steps"], study["seconds"], "o", color="0.3")
+    ax[-1].set(xscale="log", yscale="log", xlabel="steps", ylabel=f"seconds ({int(study['samples_per_s'].iloc[0]*study['seconds'].iloc[0])} samples)")
     return fig
+
+# %% ../nbs/03_guided_sampling.ipynb #e11a5d02
+def ellipse_sampling_study(profile: str = "quick", # "smoke" | "quick" | "paper": the DDPM and models of that profile
+                           cache_dir=None, # where the models live (default `default_cache_dir()`)
+                           out_dir=None, # per-setting results; default: a cache entry keyed by models, targets, n and seed
+                           n_targets: int = 6, # target values drawn from the test split's log aspect ratios
+                           n: int = 32, # samples per target
+                           steps=(250, 100, 50, 25), # respaced numbers of steps
+                           rhos=(0.1, 0.2, 0.4, 0.8), # ρ grid for every number of steps, or {steps: grid}
+                           reference: tuple = (1000, 0.1), # (steps, ρ) of the reference sampler (the paper's recipe)
+                           score_fn: Callable|None = None, # as in `sampling_study`
+                           seed: int = 0, # models' seed, target draw and sampling seeds
+                           num_threads: int|None = None, # torch CPU threads (None: leave as is)
+                           progress: bool = True, # tqdm bars
+                          ): # `sampling_study` DataFrame; attrs: targets, n, sigma_v, out_dir
+    "`sampling_study` on the trained ellipse DDPM, g = log-aspect-ratio regressor, Y = the ellipse classifier's decisions."
+    if profile not in ELLIPSE_PROFILES: raise ValueError(f"`profile` must be one of {list(ELLIPSE_PROFILES)}, got {profile!r}")
+    if not (isinstance(n_targets, (int, np.integer)) and n_targets >= 2): raise ValueError(f"`n_targets` must be an int ≥ 2, got {n_targets!r}")
+    ref_k, ref_r = int(reference[0]), reference[1]
+    grid = {int(k): list(rhos[k] if isinstance(rhos, dict) else rhos) for k in steps}
+    grid.setdefault(ref_k, [])
+    if ref_r not in grid[ref_k]: grid[ref_k].append(ref_r)
+    old = torch.get_num_threads()
+    if num_threads is not None: torch.set_num_threads(int(num_threads))
+    try:
+        d = ellipse_ddpm(profile, cache_dir=cache_dir, seed=seed, progress=progress)
+        ms = ellipse_models(profile, cache_dir=cache_dir, seed=seed, which=("classifier", "log_ar"), progress=progress)
+        clf, reg = (ms[k]["model"].eval().requires_grad_(False) for k in ("classifier", "log_ar"))
+        data = make_ellipses(ELLIPSE_PROFILES[profile]["n"], seed=seed, cache_dir=cache_dir)
+        test = split_indices(len(data["log_ar"]), seed=seed)["test"]
+        targets = np.sort(np.random.default_rng(seed).choice(data["log_ar"][test], int(n_targets), replace=False)).astype(np.float32)
+        sigma_v = float(feature_stats(data["log_ar"], targets))
+        g = lambda x: reg(from_model_range(x)).reshape(len(x))
+        decide = lambda x: (clf(from_model_range(x)).reshape(len(x)) > 0).float()
+        if out_dir is None:
+            key = dict(ddpm="/".join(Path(d["path"]).parts[-2:]), models=[Path(ms[k]["path"]).name for k in ("classifier", "log_ar")],
+                       targets=targets.tolist(), n=int(n), seed=int(seed))
+            out_dir = cache_path(f"ellipse-sampling-study-{profile}", key, cache_dir)
+        study = sampling_study(unet_eps(d["unet"]), d["scheduler"], g, targets, n, (1, 32, 32), sigma_v,
+                               steps=[ref_k] + sorted(set(grid) - {ref_k}), rhos=grid, seed=seed, classifier=decide,
+                               score_fn=score_fn, out_dir=out_dir, progress=progress)
+    finally: torch.set_num_threads(old)
+    study.attrs.update(targets=targets.tolist(), n=int(n), sigma_v=sigma_v, out_dir=str(out_dir))
+    return study
+
+# %% ../nbs/03_guided_sampling.ipynb #462b95ed
+SAMPLER_PROFILES = {
+    "smoke": dict(num_steps=10, rho=0.5),
+    "quick": dict(num_steps=25, rho=0.8), # cheapest match in the ellipse study above (N=48; its 1000-step reference is weak)
+    "paper": dict(num_steps=1000, rho=0.1),
+}
 
 # %% ../nbs/03_guided_sampling.ipynb #8745c705
 def _config_for(cls, scheduler):
@@ -387,18 +535,21 @@ def _config_for(cls, scheduler):
     ok = inspect.signature(cls.__init__).parameters
     return {k: v for k, v in scheduler.config.items() if k in ok}
 
-def ddim_invert(eps_fn: Callable, # eps(x_t, t)
-                scheduler, # diffusers scheduler (its config is reused)
+def ddim_scheduler(scheduler, # diffusers scheduler whose noise schedule is reused
+                  ) -> DDIMScheduler: # deterministic DDIM on the grid 0, T/n, 2T/n, ... (chapter 02's `ddim_timesteps`)
+    "diffusers' DDIM on `scheduler`'s betas, with chapter 02's timestep grid and no x̂0 clipping."
+    return DDIMScheduler.from_config(_config_for(DDIMScheduler, scheduler), clip_sample=False, timestep_spacing="leading",
+                                     steps_offset=0, set_alpha_to_one=True)
+
+def ddim_invert(eps_fn: Callable, # eps(x_t, t), `t` a (n,) LongTensor
+                scheduler, # diffusers scheduler (gives ᾱ)
                 x0, # (n, C, *spatial) images in [-1, 1] (or latents)
                 num_steps: int = 50, # DDIM steps
                ) -> torch.Tensor: # (n, ...) x_T whose DDIM decode gives back x0
-    "Deterministic DDIM encoding x0 → x_T."
-    inv = DDIMInverseScheduler.from_config(_config_for(DDIMInverseScheduler, scheduler), clip_sample=False)
-    inv.set_timesteps(int(num_steps))
+    "Deterministic DDIM encoding x0 → x_T: chapter 02's `ddim_encode` (unclipped), for this chapter's eps(x_t, t) and 2D or 3D data."
     x = check_tensor(x0, "x0", ndim=(4, 5)).float()
-    with torch.no_grad(): # diffusers' convention: the step to level t uses ε(x, t) (error shrinks like 1/num_steps)
-        for t in inv.timesteps: x = inv.step(eps_fn(x, _tvec(t, len(x), x.device)), t, x).prev_sample
-    return x
+    return ddim_encode(lambda x_t, t: eps_fn(x_t, _tvec(t, len(x_t), x_t.device)), x, scheduler, num_steps=int(num_steps),
+                       clip_x0=False)
 
 def guided_edit(eps_fn: Callable, # eps(x_t, t)
                 scheduler, # diffusers scheduler (its config is reused for DDIM)
@@ -410,7 +561,6 @@ def guided_edit(eps_fn: Callable, # eps(x_t, t)
                 **kwargs, # passed to `constrained_sample` (decode, mask/known, ...)
                ) -> torch.Tensor: # (n, ...) edited images
     "DDIM-encode `x0`, then decode with guidance towards g(x) = c0 (attribution §3.1, Fig. 2)."
-    ddim = DDIMScheduler.from_config(_config_for(DDIMScheduler, scheduler), clip_sample=False)
     x_T = ddim_invert(eps_fn, scheduler, x0, num_steps)
-    return constrained_sample(eps_fn, ddim, tuple(x0.shape), g, c0, rho, x_T=x_T, num_steps=num_steps,
+    return constrained_sample(eps_fn, ddim_scheduler(scheduler), tuple(x0.shape), g, c0, rho, x_T=x_T, num_steps=num_steps,
                               step_kwargs=dict(eta=0.0), **kwargs)

@@ -220,3 +220,22 @@ def test_two_process_sharding_matches_one_process(tmp_path, reference_sweep):
     _finish(p)
     sharded = load_sweep(out, M)
     for k in reference_sweep: np.testing.assert_array_equal(sharded[k], reference_sweep[k], err_msg=k)
+
+
+# --- one DDIM encoder in the package: chapter 03's inversion is chapter 02's ----------------------------------------
+@pytest.mark.parametrize("model", ["gaussian", "tiny_unet"])
+def test_ddim_invert_matches_diffusion_ddim_encode(model):
+    from diffexplain.diffusion import ddim_decode, ddim_encode
+    from diffexplain.guided_sampling import constrained_sample, ddim_invert, ddim_scheduler
+    sched = make_scheduler(clip_sample=False)
+    eps = gaussian_eps(sched, 0.1, 0.4)
+    if model == "tiny_unet": # a network's output around the exact ε: an untrained U-Net alone blows DDIM up to ~1e4
+        unet, exact = make_unet(), eps
+        eps = lambda x, t: exact(x, t) + 0.05*unet(x, t).sample
+    x0 = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    with torch.no_grad():
+        x_T = ddim_invert(eps, sched, x0, 25)
+        torch.testing.assert_close(x_T, ddim_encode(eps, x0, sched, 25, clip_x0=False), atol=1e-6, rtol=0)
+        assert not torch.allclose(x_T, x0, atol=1e-2) # it did encode
+        dec = constrained_sample(eps, ddim_scheduler(sched), x0.shape, x_T=x_T, num_steps=25, step_kwargs=dict(eta=0.0))
+        torch.testing.assert_close(dec, ddim_decode(eps, x_T, sched, 25, clip_x0=False), atol=1e-5, rtol=1e-5)
