@@ -20,3 +20,12 @@ def test_readme_is_generated_from_index():
     for c in nb["cells"]:
         if c["cell_type"] == "markdown":
             assert "".join(c["source"]).strip() in readme, "README.md is stale: run `python tools/make_readme.py`"
+
+
+def test_sidebar_lists_every_chapter():
+    "nbs/sidebar.yml (used by Quarto for the docs site) names every chapter notebook, and only files that exist."
+    import re
+    side = (ROOT/"nbs"/"sidebar.yml").read_text()
+    listed = re.findall(r"-\s+([\w.-]+\.ipynb)", side)
+    chapters = sorted(p.name for p in (ROOT/"nbs").glob("*.ipynb"))
+    assert sorted(set(listed)) == chapters, f"sidebar.yml lists {sorted(set(listed))}, nbs/ holds {chapters}"
