@@ -411,6 +411,14 @@ def _study_key(study, **kw):
     return dict(vae=study.info["vae"]["path"], ldm=study.info["ldm"]["path"], clf=study.models["classifier"]["path"],
                 reg=study.models["regressor"]["path"], seed=study.seed, **kw)
 
+def _sweep_setup(study, n_targets, n, keep_images):
+    "Profile settings, ROIs, the class-balanced target ROIs of the test split, n and keep_images (profile defaults)."
+    s = study.settings["sample"]
+    n_targets = s["n_targets"] if n_targets == -1 else n_targets
+    te, r = study.data["split"]["test"], study.data["rois"]
+    roi = te[balanced_targets(r["label"][te], n_targets, study.seed)]
+    return s, r, roi, n or s["n"], s["keep_images"] if keep_images is None else keep_images
+
 def study_volume_sweep(study: BrainStudy, # from `brain_study`
                        n_targets: int|None = -1, # -1: the profile's; None: every test ROI
                        n: int|None = None, # samples per target; None: the profile's
@@ -418,11 +426,7 @@ def study_volume_sweep(study: BrainStudy, # from `brain_study`
                        progress: bool = True,
                       ) -> dict: # sweep arrays + cls, roi (per target), targets, sigma_v
     "The hippocampal-volume sweep of a study (cached in its `cache_dir`)."
-    s = study.settings["sample"]
-    n_targets = s["n_targets"] if n_targets == -1 else n_targets
-    n = n or s["n"]; keep = s["keep_images"] if keep_images is None else keep_images
-    te, r = study.data["split"]["test"], study.data["rois"]
-    roi = te[balanced_targets(r["label"][te], n_targets, study.seed)]
+    s, r, roi, n, keep = _sweep_setup(study, n_targets, n, keep_images)
     tg = r["volume"][roi].astype(np.float32); v_data = r["volume"][study.data["split"]["train"]]
     key = _study_key(study, kind="volume", roi=roi.tolist(), n=n, rho=s["rho_volume"], steps=s["num_steps"], images=keep)
     out_dir = cache_path("brain-volume-sweep", key, study.cache_dir)
@@ -437,11 +441,7 @@ def study_hippocampus_sweep(study: BrainStudy, # from `brain_study`
                             progress: bool = True,
                            ) -> dict: # sweep arrays + cls, roi
     "The hippocampus (inpainting) sweep of a study (cached in its `cache_dir`)."
-    s = study.settings["sample"]
-    n_targets = s["n_targets"] if n_targets == -1 else n_targets
-    n = n or s["n"]; keep = s["keep_images"] if keep_images is None else keep_images
-    te, r = study.data["split"]["test"], study.data["rois"]
-    roi = te[balanced_targets(r["label"][te], n_targets, study.seed)]
+    s, r, roi, n, keep = _sweep_setup(study, n_targets, n, keep_images)
     key = _study_key(study, kind="hippocampus", roi=roi.tolist(), n=n, rho=s["rho_hippocampus"], steps=s["num_steps"], images=keep)
     out_dir = cache_path("brain-hippocampus-sweep", key, study.cache_dir)
     sw = hippocampus_sweep(study.lm, study.y, r["image"][roi], r["mask_dilated"][roi], n, out_dir, rho=s["rho_hippocampus"],

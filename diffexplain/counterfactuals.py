@@ -514,6 +514,21 @@ def ellipse_ce_metrics(x01,    # (n, 1, H, W) originals in [0, 1]
             "|Δ size| / size": float(np.nanmean(np.abs(area1 / area0 - 1))),
             "single ellipse": float(ellipse_check(xf).mean())}
 
+def _ce_rows(x01, kw, classifier_weight, control, batch_size, seed, store_dir, progress, dev, metrics):
+    "Run `diffusion_ce` on x01 (in [0, 1]) with the classifier weight and, if `control`, with weight 0; metrics per row."
+    rows = [("diffusion CE", classifier_weight)] + ([("diffusion CE (classifier weight 0)", 0.)] if control else [])
+    table, raw, secs = {}, {}, {}
+    for name, w in rows:
+        t0 = time.time()
+        out = run_batched(diffusion_ce, dict(x=(x01 * 2 - 1).to(dev)), batch_size=batch_size, seed=seed,
+                          store_dir=None if store_dir is None else Path(store_dir)/f"w{w:g}", progress=progress,
+                          classifier_weight=w, **kw)
+        secs[name] = time.time() - t0
+        x_cf01 = ((out["x_cf"] + 1) / 2).clip(0, 1)
+        table[name] = {**metrics(x01.numpy(), x_cf01, out), "seconds per CE": secs[name] / len(x01)}
+        raw[name] = {**out, "x_cf01": x_cf01}
+    return table, raw, secs
+
 def ellipse_ce(profile: str = "quick",  # smoke | quick | paper (`ELLIPSE_CE_PROFILES`; models from `ellipse_ddpm` / `ellipse_models`)
                cache_dir=None,          # trained models and data are loaded (or trained) here
                seed: int = 0,           # data/model seed; the subset of test images and the CE noise use it too
@@ -556,17 +571,8 @@ def ellipse_ce(profile: str = "quick",  # smoke | quick | paper (`ELLIPSE_CE_PRO
     x01 = torch.from_numpy(data["images"][test]).float()
     kw = dict(eps=eps, scheduler=scheduler, classifier=classifier, dist_weight=dist_weight,
               start=start, num_steps=P["num_steps"])
-    rows = [("diffusion CE", classifier_weight)] + ([("diffusion CE (classifier weight 0)", 0.)] if control else [])
-    table, raw, secs = {}, {}, {}
-    for name, w in rows:
-        t0 = time.time()
-        out = run_batched(diffusion_ce, dict(x=(x01 * 2 - 1).to(dev)), batch_size=P["batch_size"], seed=seed,
-                          store_dir=None if store_dir is None else Path(store_dir)/f"w{w:g}", progress=progress,
-                          classifier_weight=w, **kw)
-        secs[name] = time.time() - t0
-        x_cf01 = ((out["x_cf"] + 1) / 2).clip(0, 1)
-        table[name] = {**ellipse_ce_metrics(x01.numpy(), x_cf01, out), "seconds per CE": secs[name] / len(x01)}
-        raw[name] = {**out, "x_cf01": x_cf01}
+    table, raw, secs = _ce_rows(x01, kw, classifier_weight, control, P["batch_size"], seed, store_dir, progress, dev,
+                                lambda x01n, x_cf01, out: ellipse_ce_metrics(x01n, x_cf01, out))
     return dict(table=table, raw=raw, x01=x01.numpy(), idx=test, label=np.asarray(data["label"])[test],
                 log_ar=np.asarray(data["log_ar"])[test], seconds=secs, hp=P, n=len(test),
                 classifier_metrics=None if clf is None else clf["metrics"], ddpm_quality=None if ddpm is None else ddpm["quality"],
@@ -621,18 +627,8 @@ def celeba_ce(profile: str = "quick", # smoke | quick | paper (`CELEBA_CE_PROFIL
         ti = np.sort(rng.choice(len(test), P["n"], replace=False))
     x01 = _stack_images(test, ti)
     kw = dict(eps=eps_fn(unet), scheduler=sched, classifier=model, dist_weight=dist_weight, start=start, num_steps=P["num_steps"])
-    rows = [("diffusion CE", classifier_weight)] + ([("diffusion CE (classifier weight 0)", 0.)] if control else [])
-    table, raw, secs = {}, {}, {}
-    for name, w in rows:
-        t0 = time.time()
-        out = run_batched(diffusion_ce, dict(x=(x01 * 2 - 1).to(dev)), batch_size=P["batch_size"], seed=seed,
-                          store_dir=None if store_dir is None else Path(store_dir)/f"w{w:g}", progress=progress,
-                          classifier_weight=w, **kw)
-        secs[name] = time.time() - t0
-        x_cf01 = ((out["x_cf"] + 1) / 2).clip(0, 1)
-        table[name] = {**ce_summary(out), "L1 per pixel": float(np.abs(x_cf01 - x01.numpy()).mean()),
-                       "seconds per CE": secs[name] / len(x01)}
-        raw[name] = {**out, "x_cf01": x_cf01}
+    table, raw, secs = _ce_rows(x01, kw, classifier_weight, control, P["batch_size"], seed, store_dir, progress, dev,
+                                lambda x01n, x_cf01, out: {**ce_summary(out), "L1 per pixel": float(np.abs(x_cf01 - x01n).mean())})
     a = test.attr_names.index(clf["config"]["target"])
     return dict(table=table, raw=raw, x01=x01.numpy(), idx=ti, label=test.attrs[ti, a].numpy(), attrs=test.attrs[ti].numpy(),
                 attr_names=list(test.attr_names), seconds=secs, hp=P, n=len(ti), size=size, data=clf["data"],

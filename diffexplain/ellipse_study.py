@@ -24,7 +24,7 @@ from .metrics import coverage, embed, vgg16_embedding
 # %% auto #0
 __all__ = ['ELLIPSE_FEATURES', 'STUDY_PROFILES', 'sampler_feature', 'sampler_decision', 'study_targets', 'constraint_errors',
            'attribution_study', 'ellipse_test_features', 'ellipse_attribution', 'plain_samples',
-           'ellipse_plain_samples', 'classifier_features', 'coverage_encoder', 'coverage_table',
+           'ellipse_plain_samples', 'classifier_features', 'coverage_encoder', 'accepted_images', 'coverage_table',
            'plot_target_vs_result', 'sample_rows', 'plot_sample_rows']
 
 # %% ../nbs/08_ellipse_study.ipynb #273fd252
@@ -251,6 +251,13 @@ def coverage_encoder(weights_path=None, # local torchvision VGG16 weights; None 
     if fallback == "pixels": return nn.Flatten(), "raw pixels (fallback, not the paper's VGG16)"
     if classifier is None: raise ValueError("`classifier` is needed for the 'classifier' fallback embedding")
     return classifier_features(classifier), "ellipse-classifier penultimate features (fallback, not the paper's VGG16)"
+
+def accepted_images(result: dict, # from `ellipse_attribution` / `attribution_study` (with images)
+                   ) -> np.ndarray: # (n_accepted, C, H, W) accepted samples in [0, 1]
+    "The samples of a sweep that passed rejection, mapped to [0, 1] (what Table 3's coverage compares with real images)."
+    sw = result["sweep"]
+    if "images" not in sw: raise ValueError("`result` holds no images; run the study with keep_images=True")
+    return ((sw["images"][sw["accepted"].astype(bool)] + 1)/2).clip(0, 1)
 
 def coverage_table(real, # (N, 1, H, W) real test images in [0, 1]
                    generated: dict, # {row name: (M, 1, H, W) generated images in [0, 1]}
