@@ -482,12 +482,10 @@ def brain_counterfactuals(study: BrainStudy, # from `brain_study`
     te, r = study.data["split"]["test"], study.data["rois"]
     roi = te[balanced_targets(r["label"][te], s["n_ce"], study.seed)] if roi is None else np.asarray(roi)
     x = study.images(roi).to(lm.device); z = lm.encode(x)
-    D = x.shape[2]
     clf = study.models["classifier"]["model"]
-    dec4 = lambda zz: lm.decode(zz).clamp(-1, 1)[:, 0]          # (n, D, H, W): depth as channels for diffusion_ce
-    clf4 = lambda im01: clf(im01[:, None])                      # back to (n, 1, D, H, W)
+    dec = lambda zz: lm.decode(zz).clamp(-1, 1)                 # (n, 1, D, H, W) volumes in [-1, 1]
     g = torch.Generator().manual_seed(study.seed if seed is None else seed)
-    res = diffusion_ce(z, lm.eps, lm.scheduler, clf4, decoder=dec4, num_steps=s["ce_steps"], generator=g, progress=progress)
+    res = diffusion_ce(z, lm.eps, lm.scheduler, clf, decoder=dec, num_steps=s["ce_steps"], generator=g, progress=progress)
     with torch.no_grad():
         img_cf = lm.decode(res["x_cf"])
         vol = study.g(torch.cat([to_model_range(x), img_cf])).cpu().numpy()

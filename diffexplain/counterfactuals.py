@@ -36,9 +36,9 @@ def to_f_range(x,               # images in [-1, 1]
     lo, hi = f_range
     return lo + (x + 1) * (hi - lo) / 2
 
-def _check_images(x, name="x"):
+def _check_images(x, name="x", ndim=4): # ndim: 4 for (n, C, H, W) images, (4, 5) to also allow (n, C, D, H, W) volumes
     if not torch.is_tensor(x): raise ValueError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
-    check_tensor(x, name, ndim=4)
+    check_tensor(x, name, ndim=ndim)
     check_tensor(x, name, value_range=(-1 - 1e-4, 1 + 1e-4))
     return x
 
@@ -316,7 +316,7 @@ def _same_norm(g, ref):
     gn = g.flatten(1).norm(dim=1).clamp_min(1e-22).view(-1, *[1] * (g.ndim - 1))
     return g / gn * ref.flatten(1).norm(dim=1).view_as(gn)
 
-def diffusion_ce(x,                 # (n, C, H, W) originals in the diffusion model's space ([-1, 1] images or latents)
+def diffusion_ce(x,                 # (n, C, H, W) or (n, C, D, H, W) originals in the diffusion model's space ([-1, 1] images or latents)
                  eps,               # eps(x_t, t)
                  scheduler,         # the DDPM's diffusers scheduler
                  classifier,        # logits (n,)/(n, 1) (binary) or (n, K); gets `to_f_range(decoder(x0_hat))`
@@ -325,18 +325,18 @@ def diffusion_ce(x,                 # (n, C, H, W) originals in the diffusion mo
                  dist_weight: float = 0.15,      # w_d (L1 distance to the original)
                  start: float = 0.5, # start at t = start * T (DVCE / the paper: T/2)
                  num_steps: int|None = None, # respaced schedule length over [0, T) (None: all T steps)
-                 decoder=None,      # latent -> image in [-1, 1] for latent diffusion
+                 decoder=None,      # latent -> image (or volume) in [-1, 1] for latent diffusion
                  same_norm: bool = True, # rescale both gradients to ||eps|| (DVCE's enforce_same_norms)
                  f_range=(0., 1.),  # input range of the classifier
                  generator: torch.Generator|None = None,
                  progress: bool = True,
                 ) -> dict: # x_cf, logits_orig, logits_cf, target, decision_orig, decision_cf, flipped (n,)
     "Diffusion visual counterfactual (Augustin et al. 2022) as used by the attribution paper, App. D.2."
-    if decoder is None: _check_images(x)
+    if decoder is None: _check_images(x, ndim=(4, 5))
     else: check_tensor(x, "x")
     n = x.shape[0]; dec = decoder if decoder is not None else (lambda z: z)
     img = dec(x)
-    if decoder is not None: _check_images(img, "decoder(x)")
+    if decoder is not None: _check_images(img, "decoder(x)", ndim=(4, 5))
     clf = lambda im: classifier(to_f_range(im, f_range))
     logits0 = check_differentiable(clf, img, "classifier", kind="classifier")
     d0 = _decision(logits0)
