@@ -26,7 +26,7 @@ __all__ = ['DIFFAE_DISTANCES', 'ELLIPSE_CE_PROFILES', 'CELEBA_CE_PROFILES', 'SQU
            'posterior_variance', 'diffusion_filter', 'change_mask', 'repaint_refine', 'acre', 'diffae_re',
            'diffusion_ce', 'flip_rate', 'reference_sweep', 'plot_reference_sweep', 'run_batched', 'ce_summary',
            'plot_ce_pairs', 'ellipse_ce_metrics', 'ellipse_ce', 'celeba_ce', 'downsample_squares', 'square_setup',
-           'DiffAECodec', 'square_eval_set', 'square_counterfactual_eval']
+           'DiffAECodec', 'square_eval_set', 'square_counterfactual_eval', 'tint_sensitivity']
 
 # %% ../nbs/05_counterfactuals.ipynb #8b08bc4e
 def to_f_range(x,               # images in [-1, 1]
@@ -641,15 +641,15 @@ SQUARE_CF_PROFILES = {
     # paper's 1000-step linear schedule, see the prose); respacing/steps: AC-RE filter on that chain
     "smoke": dict(size=16, n_train=256, regressor="cnn", reg_lr=2e-3, reg_epochs=2, reg_patience=2, reg_batch=32,
                   unet="tiny", T=100, ddpm_steps=20, ddpm_batch=8, ddpm_lr=3e-3, n_eval=2, batch_size=2,
-                  respacing=5, steps=5, step_size=32/255, max_iter=2, dilation=1, threshold=0.05,
+                  respacing=5, steps=5, step_size=32/255, max_iter=2, dilation=1, mask_threshold=0.15, threshold=0.05,
                   ae_lr=0.002, ae_max_steps=2, ae_lam=1e-5, ae_decode_steps=5, ae_encode_steps=5),
     "quick": dict(size=32, n_train=2000, regressor="cnn", reg_lr=2e-3, reg_epochs=6, reg_patience=2, reg_batch=32,
-                  unet="tiny", T=100, ddpm_steps=400, ddpm_batch=16, ddpm_lr=2e-3, n_eval=16, batch_size=16,
-                  respacing=5, steps=5, step_size=10/255, max_iter=16, dilation=3, threshold=0.05,
+                  unet="quick", T=100, ddpm_steps=2000, ddpm_batch=32, ddpm_lr=2e-3, n_eval=16, batch_size=16,
+                  respacing=5, steps=5, step_size=10/255, max_iter=16, dilation=3, mask_threshold=0.15, threshold=0.05,
                   ae_lr=0.002, ae_max_steps=30, ae_lam=1e-5, ae_decode_steps=10, ae_encode_steps=20),
     "paper": dict(size=64, n_train=16_000, regressor="resnet18", reg_lr=1e-5, reg_epochs=200, reg_patience=10, reg_batch=32,
                   unet="square", T=1000, ddpm_steps=100_000, ddpm_batch=32, ddpm_lr=1e-4, n_eval=None, batch_size=32,
-                  respacing=50, steps=5, step_size=2/255, max_iter=100, dilation=5, threshold=0.05,
+                  respacing=50, steps=5, step_size=2/255, max_iter=100, dilation=5, mask_threshold=0.15, threshold=0.05,
                   ae_lr=0.002, ae_max_steps=200, ae_lam=1e-5, ae_decode_steps=10, ae_encode_steps=20),
 }
 
@@ -769,7 +769,8 @@ def square_counterfactual_eval(setup: dict,          # output of `square_setup`
     sub = lambda name: None if store_dir is None else Path(store_dir)/name
     if "AC-RE" in methods:
         kw = dict(f=setup["f"], eps=setup["eps"], scheduler=setup["scheduler"], respacing=P["respacing"], steps=P["steps"],
-                  step_size=P["step_size"], threshold=thr, dilation=P["dilation"], train_range=setup["train_range"])
+                  step_size=P["step_size"], threshold=thr, dilation=P["dilation"], train_range=setup["train_range"],
+                  mask_threshold=P.get("mask_threshold", 0.15))
         runs = [("", dict(max_iter=P["max_iter"]))]
         # guidance off: x' never moves, so every iteration filters x with the same noise; max_iter=0 gives the same result
         if control: runs.append((" (guidance 0)", dict(max_iter=0, guidance=0.)))
@@ -796,3 +797,37 @@ def square_counterfactual_eval(setup: dict,          # output of `square_setup`
             raw[f"Diff-AE-RE{tag}"] = out
     return dict(table=table, raw=raw, seconds=secs, x01=x01, mask=grid["mask"], reference=r.cpu().numpy(),
                 target=np.asarray(grid["target"]), n=len(x01), hp=P)
+
+# %% ../nbs/05_counterfactuals.ipynb #b8d2f1e3
+def tint_sensitivity(f,                  # regressor on images in [0, 1] (returns (n,) or (n, 1))
+                     x01,                # (n, 3, H, W) images in [0, 1]
+                     mask,               # (n, 1, H, W) bool/float region (e.g. the square); its 1-px rim is excluded from the background
+                     delta: float = 0.1, # red added, in [0, 1] units
+                     eps=None,           # eps(x_t, t) of a DDPM: also measure how much of a background tint its AC-RE filter keeps
+                     scheduler=None,     # that DDPM's diffusers scheduler
+                     respacing: int = 50, steps: int = 5, # the AC-RE filter (as in `acre`)
+                     generator: torch.Generator|None = None, # filter noise
+                    ) -> dict: # df_background, df_square (mean change of f), tint_in, tint_out, filter_passthrough
+    "How much `f` responds to red added to the background vs inside `mask`, and the share of a background tint the DDPM filter keeps."
+    x01 = torch.as_tensor(x01).float()
+    check_tensor(x01, "x01", ndim=4, value_range=(0., 1.))
+    if x01.shape[1] != 3: raise ValueError(f"`x01` must be RGB images (n, 3, H, W), got {tuple(x01.shape)}")
+    m = torch.as_tensor(mask).float().to(x01.device)
+    if m.shape != (x01.shape[0], 1, *x01.shape[2:]): raise ValueError(f"`mask` must have shape {(x01.shape[0], 1, *x01.shape[2:])}, got {tuple(m.shape)}")
+    if not 0 < delta <= 1: raise ValueError(f"`delta` must be in (0, 1], got {delta}")
+    bg = 1 - F.max_pool2d(m, 3, 1, 1)
+    if (bg.flatten(1).sum(1) == 0).any(): raise ValueError("`mask` leaves no background pixels in some image")
+    red = lambda region: torch.cat([(x01[:, :1] + delta * region).clamp(0, 1), x01[:, 1:]], 1)
+    rg = lambda im: ((im[:, 0] - im[:, 1]) * bg[:, 0]).sum() / bg.sum()      # mean red - green over the background
+    with torch.no_grad():
+        fx = lambda im: _call_model(f, im, "f")
+        y0, xb = fx(x01), red(bg)
+        out = dict(delta=delta, df_background=float((fx(xb) - y0).mean()), df_square=float((fx(red(m)) - y0).mean()),
+                   tint_in=float(rg(xb) - rg(x01)))
+        if eps is not None:
+            sched = respaced_scheduler(scheduler, respacing)
+            noise = torch.randn((steps + 1, *x01.shape), generator=generator).to(x01)
+            filt = lambda im: (diffusion_filter(im * 2 - 1, eps, sched, steps, noise) + 1) / 2
+            out["tint_out"] = float(rg(filt(xb)) - rg(filt(x01)))
+            out["filter_passthrough"] = out["tint_out"] / out["tint_in"]
+    return out
