@@ -646,7 +646,7 @@ SQUARE_CF_PROFILES = {
     "quick": dict(size=32, n_train=2000, regressor="cnn", reg_lr=2e-3, reg_epochs=6, reg_patience=2, reg_batch=32,
                   unet="quick", T=100, ddpm_steps=2000, ddpm_batch=32, ddpm_lr=2e-3, n_eval=16, batch_size=16,
                   respacing=5, steps=5, step_size=10/255, max_iter=16, dilation=3, mask_threshold=0.15, threshold=0.05,
-                  ae_lr=0.002, ae_max_steps=30, ae_lam=1e-5, ae_decode_steps=10, ae_encode_steps=20),
+                  ae_lr=0.002, ae_max_steps=200, ae_lam=1e-5, ae_decode_steps=10, ae_encode_steps=20),
     "paper": dict(size=64, n_train=16_000, regressor="resnet18", reg_lr=1e-5, reg_epochs=200, reg_patience=10, reg_batch=32,
                   unet="square", T=1000, ddpm_steps=100_000, ddpm_batch=32, ddpm_lr=1e-4, n_eval=None, batch_size=32,
                   respacing=50, steps=5, step_size=2/255, max_iter=100, dilation=5, mask_threshold=0.15, threshold=0.05,

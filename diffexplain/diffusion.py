@@ -519,7 +519,7 @@ def ddim_decode(eps, # callable eps(x_t, t); gradients flow to whatever it close
 SQUARE_DIFFAE_PROFILES = {
     "smoke": dict(unet="tiny", size=16, n=256, steps=20, batch_size=8, lr=2e-3, lr_schedule="cosine", lr_warmup=2,
                   ema_decay=0.999, ema_power=2/3, enc_channels=(8, 16), ckpt_every=10, n_test=8, objective="v"),
-    "quick": dict(unet="small", size=32, n=4000, steps=1500, batch_size=32, lr=2e-3, lr_schedule="cosine", lr_warmup=100,
+    "quick": dict(unet="small", size=32, n=4000, steps=6000, batch_size=32, lr=2e-3, lr_schedule="cosine", lr_warmup=100,
                   ema_decay=0.999, ema_power=2/3, enc_channels=(16, 32, 64), ckpt_every=250, n_test=64, objective="v"),
     "paper": dict(unet="square", size=64, n=16_000, steps=100_000, batch_size=64, lr=1e-4, lr_schedule="constant",
                   lr_warmup=0, ema_decay=0.9999, ema_power=None, enc_channels=(32, 64, 128, 256), ckpt_every=5000, n_test=512, objective="v"),
