@@ -770,7 +770,7 @@ def square_counterfactual_eval(setup: dict,          # output of `square_setup`
     if "AC-RE" in methods:
         kw = dict(f=setup["f"], eps=setup["eps"], scheduler=setup["scheduler"], respacing=P["respacing"], steps=P["steps"],
                   step_size=P["step_size"], threshold=thr, dilation=P["dilation"], train_range=setup["train_range"],
-                  mask_threshold=P.get("mask_threshold", 0.15))
+                  mask_threshold=P["mask_threshold"])
         runs = [("", dict(max_iter=P["max_iter"]))]
         # guidance off: x' never moves, so every iteration filters x with the same noise; max_iter=0 gives the same result
         if control: runs.append((" (guidance 0)", dict(max_iter=0, guidance=0.)))
