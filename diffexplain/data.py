@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #ee1b3859
 from __future__ import annotations
-import hashlib, json, math, os, random, tempfile
+import ast, hashlib, inspect, json, math, os, random, tempfile, textwrap
 from pathlib import Path
 import numpy as np
 import torch
@@ -13,10 +13,10 @@ from torch.utils.data import Dataset, TensorDataset
 # %% auto #0
 __all__ = ['SQUARE_SIZE', 'SQUARE_BORDER', 'SQUARE_IMG', 'SQUARE_POSITIONS', 'CELEBA_SPLITS', 'CELEBA_ATTRS', 'TINY_CELEBA_LINKS',
            'HIPPO_LABELS', 'seed_everything', 'get_device', 'config_hash', 'default_cache_dir', 'cache_path',
-           'atomic_write', 'save_arrays', 'load_arrays', 'check_tensor', 'render_ellipses', 'sample_ellipse_params',
-           'make_ellipses', 'split_indices', 'tensor_dataset', 'moment_area', 'moment_log_ar', 'render_squares',
-           'make_squares', 'reference_value', 'square_eval_grid', 'read_attr_file', 'load_face_image', 'CelebA',
-           'CelebAHQ', 'AgeTable', 'write_tiny_celeba', 'extract_hippocampus_rois', 'read_subject_table',
+           'code_version', 'atomic_write', 'save_arrays', 'load_arrays', 'check_tensor', 'render_ellipses',
+           'sample_ellipse_params', 'make_ellipses', 'split_indices', 'tensor_dataset', 'moment_area', 'moment_log_ar',
+           'render_squares', 'make_squares', 'reference_value', 'square_eval_grid', 'read_attr_file', 'load_face_image',
+           'CelebA', 'CelebAHQ', 'AgeTable', 'write_tiny_celeba', 'extract_hippocampus_rois', 'read_subject_table',
            'load_brain_rois', 'subject_split', 'class_weights', 'BrainROIDataset', 'make_brain_phantoms']
 
 # %% ../nbs/00_data.ipynb #4a7dfee5
@@ -53,6 +53,25 @@ def cache_path(name: str, # what is cached, e.g. "ellipse-classifier"
               ) -> Path: # `cache_dir/name-<hash>` (not created)
     "Where an artefact made from `config` lives in the cache."
     return Path(cache_dir if cache_dir is not None else default_cache_dir())/f"{name}-{config_hash(config)}"
+
+# %% ../nbs/00_data.ipynb #cv0a1b2d
+def _strip_docstrings(tree):
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+           and isinstance(body[0].value.value, str): node.body = body[1:] or [ast.Pass()]
+    return tree
+
+def code_version(*objs, # functions, classes or modules whose code determines an artefact
+                ) -> str: # 10 hex digits; changes when what the code does changes, not with comments or formatting
+    "Fingerprint of the code of `objs` (their syntax trees without docstrings), for cache keys and run records."
+    if not objs: raise ValueError("`code_version` needs at least one function, class or module")
+    h = hashlib.sha1()
+    for o in objs:
+        try: src = inspect.getsource(o)
+        except (TypeError, OSError) as e: raise ValueError(f"`code_version` cannot read the source of {o!r}: {e}") from None
+        h.update(ast.dump(_strip_docstrings(ast.parse(textwrap.dedent(src)))).encode())
+    return h.hexdigest()[:10]
 
 # %% ../nbs/00_data.ipynb #4628dee4
 def atomic_write(path: str|Path, # destination file
