@@ -24,11 +24,19 @@ def _vec(x, # array or tensor, one value per sample
         ) -> np.ndarray:
     "`x` as a 1-D NumPy array; `ValueError` naming `name` for wrong rank, emptiness or NaN/inf."
     if torch.is_tensor(x): x = x.detach().cpu().numpy()
-    a = np.asarray(x)
+    if isinstance(x, (str, bytes, dict, set)) or x is None:
+        raise ValueError(f"`{name}` must be a 1-D array with one value per sample, got {type(x).__name__}")
+    try: a = np.asarray(x)
+    except ValueError: raise ValueError(f"`{name}` must be a 1-D array of scalars (one value per sample); it holds "
+                                        "sequences of different lengths") from None
     if a.ndim != 1: raise ValueError(f"`{name}` must be 1-D with one value per sample, got shape {a.shape}")
     if a.size == 0: raise ValueError(f"`{name}` is empty: need at least one sample")
-    if a.dtype.kind == "f" and not np.isfinite(a).all(): raise ValueError(f"`{name}` contains NaN or inf values")
     if numeric and a.dtype.kind not in "biuf": raise ValueError(f"`{name}` must be numeric, got dtype {a.dtype}")
+    if a.dtype.kind == "O":         # group ids: hashable scalars only; NaN/None would silently form no group
+        bad = [e for e in a if not isinstance(e, (str, bytes, bool, int, float, np.generic))
+               or (isinstance(e, (float, np.floating)) and not np.isfinite(e))]
+        if bad: raise ValueError(f"`{name}` must hold scalar group ids (numbers or strings, no NaN/None), got e.g. {bad[0]!r}")
+    if a.dtype.kind in "fc" and not np.isfinite(a).all(): raise ValueError(f"`{name}` contains NaN or inf values")
     return a
 
 def _pair(y, v, name_y="y", name_v="v"):
@@ -179,10 +187,11 @@ def balanced_global_score(y, # (n,) model decisions (0/1), probabilities or logi
         mask = cls == c
         if not mask.any(): raise ValueError(f"`cls` has no sample of class {c!r}: every class must be present (empty class)")
         N, S, Q, ybar = _suff(y[mask], codes[mask], len(v0))   # groups of V within class c
-        g_c, _, vy_c, mean, _ = _scores(N, S, Q, ybar, weights)
-        w = _weights(N, weights)
-        unexpl.append(float((1 - g_c) * vy_c))                   # E[Var(Y|V, C=c) | C=c]
-        vc.append(float(vy_c)); mc.append(float((w * np.nan_to_num(mean)).sum()))   # Var(Y|C=c), E[Y|C=c]
+        _, _, _, mean, var = _scores(N, S, Q, ybar, weights)
+        w = _weights(N, weights); mean, var = np.nan_to_num(mean), np.nan_to_num(var)   # empty groups weigh 0
+        u_c, m_c = float((w * var).sum()), float((w * mean).sum())   # E[Var(Y|V, C=c) | C=c], E[Y|C=c]
+        unexpl.append(u_c)                                     # summed directly: defined when Var(Y|C=c) = 0
+        vc.append(u_c + float((w * (mean - m_c) ** 2).sum())); mc.append(m_c)   # Var(Y|C=c) by total variance
     if var_y is None:
         mc = np.array(mc); vy = float(np.mean(vc) + np.mean((mc - mc.mean()) ** 2))
     elif isinstance(var_y, str):
@@ -253,7 +262,10 @@ def bootstrap_scores(y, # (n,) model decisions (0/1), probabilities or logits; N
     "Bootstrap variances and percentile CIs of the global and local scores (attribution paper §4.3), vectorised."
     if not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
         raise ValueError(f"`n_boot` must be an integer >= 1 (number of bootstrap resamples), got {n_boot!r}")
-    if not 0 < level < 1: raise ValueError(f"`level` must lie in (0, 1), got {level!r}")
+    if isinstance(level, (bool, str)) or not isinstance(level, (int, float, np.number)) or not 0 < level < 1:
+        raise ValueError(f"`level` must be a number in (0, 1), got {level!r}")
+    if not isinstance(seed, (int, np.integer, np.random.Generator)) or isinstance(seed, bool):
+        raise ValueError(f"`seed` must be an int or a numpy.random.Generator, got {type(seed).__name__} {seed!r}")
     y, codes, v0, st, var_y = _prepare(y, v, bins, weights, var_y)
     glob, loc, *_ = _scores(*st, weights, var_y)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
