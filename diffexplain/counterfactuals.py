@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 from .data import check_tensor, save_arrays, load_arrays, config_hash
-from .data import get_device, make_squares, split_indices, square_eval_grid
+from .data import get_device, make_squares, split_indices, square_eval_grid, code_version
 from .models import EllipseCNN, square_resnet18, Rescaled, train_model, load_or_train, evaluate
-from .diffusion import load_or_train_ddpm, eps_fn, ddim_encode, ddim_decode
+from .diffusion import load_or_train_ddpm, eps_fn, ddim_encode, ddim_decode, linear_schedule
 from .metrics import square_mae, background_mae
 from .data import make_ellipses, moment_log_ar, moment_area, CelebA
 from .models import ellipse_models, celeba_classifier, ELLIPSE_PROFILES
@@ -637,18 +637,19 @@ def celeba_ce(profile: str = "quick", # smoke | quick | paper (`CELEBA_CE_PROFIL
 
 # %% ../nbs/05_counterfactuals.ipynb #b23d41ff
 SQUARE_CF_PROFILES = {
-    # size: working resolution (64 = the paper's); T: length of the DDPM chain that is trained (the first T steps of the
-    # paper's 1000-step linear schedule, see the prose); respacing/steps: AC-RE filter on that chain
+    # size: working resolution (64 = the paper's); schedule: the DDPM's beta grid (`linear_schedule`: guided-diffusion's
+    # linear, 1000-step chain, as the authors' square DDPM); T: how many of its first steps are trained (see the prose);
+    # respacing/steps: AC-RE filter on that chain
     "smoke": dict(size=16, n_train=256, regressor="cnn", reg_lr=2e-3, reg_epochs=2, reg_patience=2, reg_batch=32,
-                  unet="tiny", T=100, ddpm_steps=20, ddpm_batch=8, ddpm_lr=3e-3, n_eval=2, batch_size=2,
+                  unet="tiny", schedule="guided-diffusion", T=100, ddpm_steps=20, ddpm_batch=8, ddpm_lr=3e-3, n_eval=2, batch_size=2,
                   respacing=5, steps=5, step_size=32/255, max_iter=2, dilation=1, mask_threshold=0.15, threshold=0.05,
                   ae_lr=0.002, ae_max_steps=2, ae_lam=1e-5, ae_decode_steps=5, ae_encode_steps=5),
     "quick": dict(size=32, n_train=2000, regressor="cnn", reg_lr=2e-3, reg_epochs=6, reg_patience=2, reg_batch=32,
-                  unet="quick", T=100, ddpm_steps=2000, ddpm_batch=32, ddpm_lr=2e-3, n_eval=16, batch_size=16,
+                  unet="quick", schedule="guided-diffusion", T=100, ddpm_steps=2000, ddpm_batch=32, ddpm_lr=2e-3, n_eval=16, batch_size=16,
                   respacing=5, steps=5, step_size=10/255, max_iter=16, dilation=3, mask_threshold=0.15, threshold=0.05,
                   ae_lr=0.002, ae_max_steps=200, ae_lam=1e-5, ae_decode_steps=10, ae_encode_steps=20),
     "paper": dict(size=64, n_train=16_000, regressor="resnet18", reg_lr=1e-5, reg_epochs=200, reg_patience=10, reg_batch=32,
-                  unet="square", T=1000, ddpm_steps=100_000, ddpm_batch=32, ddpm_lr=1e-4, n_eval=None, batch_size=32,
+                  unet="square", schedule="guided-diffusion", T=1000, ddpm_steps=100_000, ddpm_batch=32, ddpm_lr=1e-4, n_eval=None, batch_size=32,
                   respacing=50, steps=5, step_size=2/255, max_iter=100, dilation=5, mask_threshold=0.15, threshold=0.05,
                   ae_lr=0.002, ae_max_steps=200, ae_lam=1e-5, ae_decode_steps=10, ae_encode_steps=20),
 }
@@ -684,7 +685,8 @@ def square_setup(profile: str = "quick", # smoke | quick | paper (see `SQUARE_CF
     split = split_indices(len(x), seed=seed, val_frac=0.1, test_frac=0.1)
     mean, std = float(y[split["train"]].mean()), float(y[split["train"]].std())
     cfg = dict(model=P["regressor"], size=P["size"], data=dict(n=P["n_train"], seed=seed), seed=seed, mean=mean, std=std,
-               lr=P["reg_lr"], epochs=P["reg_epochs"], patience=P["reg_patience"], batch_size=P["reg_batch"], augment="flips")
+               lr=P["reg_lr"], epochs=P["reg_epochs"], patience=P["reg_patience"], batch_size=P["reg_batch"], augment="flips",
+               code=code_version(EllipseCNN, square_resnet18, Rescaled, train_model, _flip))
     def build(c):
         torch.manual_seed(c["seed"])
         net = square_resnet18() if c["model"] == "resnet18" else EllipseCNN(1, in_channels=3, img_size=c["size"])
@@ -699,7 +701,7 @@ def square_setup(profile: str = "quick", # smoke | quick | paper (see `SQUARE_CF
     reg = reg.to(dev).eval()
     for p in reg.parameters(): p.requires_grad_(False)
     metrics = evaluate(reg, (x[split["test"]], y[split["test"]]), "regression", device=device)
-    T = P["T"]; sk = dict(num_train_timesteps=T, beta_start=0.0015, beta_end=0.0015 + 0.019 * (T - 1) / 999)
+    sk = linear_schedule(P["schedule"], chain=1000, T=P["T"]) # the first T steps of the profile's 1000-step chain
     t0 = time.time()
     unet, scheduler = load_or_train_ddpm(x, profile=P["unet"], name="square-ddpm", steps=P["ddpm_steps"], cache_dir=cache_dir,
                                          seed=seed, scheduler_kwargs=sk, batch_size=P["ddpm_batch"], lr=P["ddpm_lr"],

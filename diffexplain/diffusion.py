@@ -17,15 +17,16 @@ from diffusers.optimization import get_scheduler
 from accelerate import Accelerator
 from .data import (seed_everything, get_device, cache_path, config_hash, atomic_write, check_tensor,
                               save_arrays, load_arrays, make_ellipses, make_squares, moment_log_ar,
-                              moment_area)
+                              moment_area, code_version)
 
 # %% auto #0
-__all__ = ['UNET_PROFILES', 'PAPER_PARAMS', 'DDPM_PROFILES', 'SQUARE_DIFFAE_PROFILES', 'UNET3D_PROFILES', 'make_scheduler',
-           'make_unet2d', 'n_params', 'eps_fn', 'to_model_range', 'from_model_range', 'sample', 'model_config',
-           'data_fingerprint', 'save_grid', 'train_diffusion', 'load_or_train_ddpm', 'ellipse_check', 'ellipse_quality',
-           'ellipse_ddpm', 'SemanticEncoder', 'DiffAE', 'ddim_timesteps', 'ddim_encode', 'ddim_decode', 'square_diffae',
-           'make_autoencoder3d', 'make_unet3d', 'make_perceptual_loss', 'vae_loss', 'train_autoencoder3d',
-           'LatentTransform', 'latent_scale_factor', 'monai_scheduler', 'sample_latent', 'decode_latent']
+__all__ = ['SCHEDULES', 'UNET_PROFILES', 'PAPER_PARAMS', 'DDPM_PROFILES', 'SQUARE_DIFFAE_PROFILES', 'UNET3D_PROFILES',
+           'make_scheduler', 'linear_schedule', 'make_unet2d', 'n_params', 'eps_fn', 'to_model_range',
+           'from_model_range', 'sample', 'model_config', 'data_fingerprint', 'save_grid', 'train_diffusion',
+           'load_or_train_ddpm', 'ellipse_check', 'ellipse_quality', 'ellipse_ddpm', 'SemanticEncoder', 'DiffAE',
+           'ddim_timesteps', 'ddim_encode', 'ddim_decode', 'square_diffae', 'make_autoencoder3d', 'make_unet3d',
+           'make_perceptual_loss', 'vae_loss', 'train_autoencoder3d', 'LatentTransform', 'latent_scale_factor',
+           'monai_scheduler', 'sample_latent', 'decode_latent']
 
 # %% ../nbs/02_diffusion.ipynb #6cf4ece2
 def make_scheduler(num_train_timesteps: int = 1000, # T, number of diffusion steps
@@ -41,6 +42,24 @@ def make_scheduler(num_train_timesteps: int = 1000, # T, number of diffusion ste
     return DDPMScheduler(num_train_timesteps=int(num_train_timesteps), beta_start=beta_start, beta_end=beta_end,
                          beta_schedule="linear", prediction_type="epsilon", variance_type="fixed_small",
                          clip_sample=clip_sample)
+
+SCHEDULES = { # linear beta_1 -> beta_T of a 1000-step chain; "guided-diffusion" scales both by 1000/chain
+    "attribution": (0.0015, 0.0205),   # the attribution paper (App. C.3)
+    "guided-diffusion": (1e-4, 0.02),  # openai/guided-diffusion's "linear" (the regression paper's DDPMs: squares, ACE's CelebA-HQ)
+}
+
+def linear_schedule(name: str = "attribution", # a key of `SCHEDULES`
+                    chain: int = 1000, # length of the chain the beta grid is defined on
+                    T: int|None = None, # train only the first T steps of that chain (None: all `chain` steps)
+                   ) -> dict: # `make_scheduler` kwargs: num_train_timesteps, beta_start, beta_end
+    "Linear-beta schedule of a model profile, optionally truncated to its first `T` steps (same betas as the full chain)."
+    if name not in SCHEDULES: raise ValueError(f"`name` must be one of {list(SCHEDULES)}, got {name!r}")
+    if not isinstance(chain, (int, np.integer)) or chain < 2: raise ValueError(f"`chain` must be an int >= 2, got {chain!r}")
+    T = chain if T is None else T
+    if not isinstance(T, (int, np.integer)) or not 2 <= T <= chain: raise ValueError(f"`T` must be an int in [2, {chain}], got {T!r}")
+    b0, b1 = SCHEDULES[name]
+    if name == "guided-diffusion": b0, b1 = b0*1000/chain, b1*1000/chain
+    return dict(num_train_timesteps=int(T), beta_start=b0, beta_end=b0 + (b1 - b0)*(T - 1)/(chain - 1))
 
 # %% ../nbs/02_diffusion.ipynb #ae8123cd
 _D, _A = "DownBlock2D", "AttnDownBlock2D"
@@ -311,8 +330,9 @@ def load_or_train_ddpm(images, # (N, C, H, W) training images in [0, 1]
     keep = {k: v for k, v in train_kwargs.items() if k in ("batch_size", "lr", "ema_decay", "grad_clip", "lr_schedule",
                                                            "lr_warmup", "ema_power")}
     if train_kwargs.get("lr_schedule", "constant") != "constant": keep["steps"] = steps # a decayed lr cannot be continued
-    cfg = dict(profile=profile, in_channels=images.shape[1], sample_size=images.shape[-1], seed=seed,
-               scheduler=scheduler_kwargs or {}, data=data_fingerprint(images), **keep)
+    sk = {k: scheduler.config[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")}
+    cfg = dict(profile=profile, in_channels=images.shape[1], sample_size=images.shape[-1], seed=seed, scheduler=sk,
+               data=data_fingerprint(images), code=code_version(make_unet2d, train_diffusion, _call), **keep)
     root = cache_path(name, cfg, cache_dir); final = root/f"ema-step{steps}"
     if (final/"config.json").exists():
         unet = UNet2DModel.from_pretrained(final).eval()
@@ -445,7 +465,8 @@ class DiffAE(nn.Module):
                  z_dim: int = 512, # size of z_sem
                  enc_channels: tuple = (32, 64, 128, 256), # semantic encoder widths
                  enc_pool: str = "flatten", # encoder head: flatten (position-aware) | avg (global average pool)
-                 prediction: str = "v", # what the U-Net outputs: v (converted to eps with `make_scheduler()`'s alpha_bar) | eps
+                 prediction: str = "v", # what the U-Net outputs: v (converted to eps with this model's own alpha_bar) | eps
+                 schedule: dict|None = None, # `make_scheduler` kwargs of the model's noise schedule (e.g. `linear_schedule(...)`); None: `make_scheduler()`
                 ):
         super().__init__()
         if enc_pool not in ("flatten", "avg"): raise ValueError(f"`enc_pool` must be 'flatten' or 'avg', got {enc_pool!r}")
@@ -456,9 +477,9 @@ class DiffAE(nn.Module):
         self.encoder = SemanticEncoder(in_channels, z_dim, tuple(enc_channels), sample_size if enc_pool == "flatten" else None)
         self.proj = nn.Linear(z_dim, kw["block_out_channels"][0]*4) # time-embedding width of UNet2DModel
         self.prediction = prediction
-        self.register_buffer("alpha_bar", make_scheduler().alphas_cumprod.float(), persistent=False)
+        self.register_buffer("alpha_bar", make_scheduler(**(schedule or {})).alphas_cumprod.float(), persistent=False)
         self.config = dict(profile=profile, in_channels=in_channels, sample_size=sample_size, z_dim=z_dim,
-                           enc_channels=list(enc_channels), enc_pool=enc_pool, prediction=prediction)
+                           enc_channels=list(enc_channels), enc_pool=enc_pool, prediction=prediction, schedule=schedule)
     def encode(self, x0): # (n, C, H, W) in [-1, 1] -> (n, z_dim)
         "Semantic code z_sem of clean images."
         return self.encoder(x0)
@@ -473,10 +494,13 @@ class DiffAE(nn.Module):
 # %% ../nbs/02_diffusion.ipynb #1c55cb58
 def ddim_timesteps(num_train_timesteps: int, # T
                    num_steps: int, # number of DDIM steps
-                  ) -> torch.Tensor: # (num_steps,) increasing timesteps 0, T/n, 2T/n, ...
-    "Evenly spaced DDIM timestep grid."
-    if not 1 <= num_steps <= num_train_timesteps: raise ValueError(f"`num_steps` must be in [1, {num_train_timesteps}], got {num_steps}")
-    return (torch.arange(num_steps)*(num_train_timesteps//num_steps)).long()
+                  ) -> torch.Tensor: # (num_steps,) increasing timesteps from 0 to T - 1
+    "Evenly spaced DDIM grid over the whole chain, 0 ... T - 1 (guided-diffusion's `space_timesteps`, as Diff-AE uses)."
+    if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"`num_steps` must be an int in [1, {num_train_timesteps}], got {num_steps!r}")
+    if num_steps == 1: return torch.tensor([num_train_timesteps - 1])
+    stride = (num_train_timesteps - 1)/(num_steps - 1)
+    return torch.tensor([round(i*stride) for i in range(num_steps)]).long()
 
 def _ddim_move(x, e, ab_t, ab_s, clip):
     x0_hat = (x - (1 - ab_t).sqrt()*e)/ab_t.sqrt()
@@ -518,11 +542,14 @@ def ddim_decode(eps, # callable eps(x_t, t); gradients flow to whatever it close
 # %% ../nbs/02_diffusion.ipynb #9ac42b46
 SQUARE_DIFFAE_PROFILES = {
     "smoke": dict(unet="tiny", size=16, n=256, steps=20, batch_size=8, lr=2e-3, lr_schedule="cosine", lr_warmup=2,
-                  ema_decay=0.999, ema_power=2/3, enc_channels=(8, 16), ckpt_every=10, n_test=8, objective="v"),
+                  ema_decay=0.999, ema_power=2/3, enc_channels=(8, 16), ckpt_every=10, n_test=8, objective="v",
+                  schedule=dict(name="guided-diffusion", chain=1000)),
     "quick": dict(unet="small", size=32, n=4000, steps=6000, batch_size=32, lr=2e-3, lr_schedule="cosine", lr_warmup=100,
-                  ema_decay=0.999, ema_power=2/3, enc_channels=(16, 32, 64), ckpt_every=250, n_test=64, objective="v"),
+                  ema_decay=0.999, ema_power=2/3, enc_channels=(16, 32, 64), ckpt_every=250, n_test=64, objective="v",
+                  schedule=dict(name="guided-diffusion", chain=1000)),
     "paper": dict(unet="square", size=64, n=16_000, steps=100_000, batch_size=64, lr=1e-4, lr_schedule="constant",
-                  lr_warmup=0, ema_decay=0.9999, ema_power=None, enc_channels=(32, 64, 128, 256), ckpt_every=5000, n_test=512, objective="v"),
+                  lr_warmup=0, ema_decay=0.9999, ema_power=None, enc_channels=(32, 64, 128, 256), ckpt_every=5000, n_test=512, objective="v",
+                  schedule=dict(name="guided-diffusion", chain=1000)),
 }
 
 def _pool(x, f): # (n, C, H, W) array/tensor -> float tensor, f×f average-pooled
@@ -553,11 +580,13 @@ def square_diffae(profile: str = "quick", # "smoke" | "quick" | "paper" (see `SQ
     try:
         data = make_squares(p["n"] + p["n_test"], seed=seed)
         x = _pool(data["images"], f); train, test = x[:p["n"]], x[p["n"]:]
+        sk = linear_schedule(**p["schedule"]) # the profile's noise schedule (the regression paper: guided-diffusion's linear, T = 1000)
         arch = dict(profile=p["unet"], in_channels=3, sample_size=p["size"], z_dim=512, enc_channels=tuple(p["enc_channels"]),
-                    enc_pool="flatten", prediction="v" if p["objective"] == "v" else "eps") # in the cache key (cfg)
-        cfg = dict(arch=arch, seed=seed, data=data_fingerprint(train), **{k: v for k, v in p.items() if k not in ("enc_channels", "n_test")})
+                    enc_pool="flatten", prediction="v" if p["objective"] == "v" else "eps", schedule=sk) # in the cache key (cfg)
+        cfg = dict(arch=arch, seed=seed, data=data_fingerprint(train), code=code_version(DiffAE, SemanticEncoder, make_unet2d, train_diffusion, _call),
+                   **{k: v for k, v in p.items() if k not in ("enc_channels", "n_test", "schedule")})
         root = cache_path(f"square-diffae-{profile}", cfg, cache_dir); final = root/f"ema-step{p['steps']}"
-        dev = get_device(device); sched = make_scheduler()
+        dev = get_device(device); sched = make_scheduler(**sk)
         if (final/"model.safetensors").exists():
             model = DiffAE(**arch); model.load_state_dict(load_file(str(final/"model.safetensors"))); loaded = True
             train_s = json.loads((final/"train.json").read_text())["train_s"]
@@ -571,7 +600,7 @@ def square_diffae(profile: str = "quick", # "smoke" | "quick" | "paper" (see `SQ
             atomic_write(final/"model.safetensors", lambda tmp: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp)))
             atomic_write(final/"train.json", lambda tmp: tmp.write_text(json.dumps(dict(train_s=train_s))))
         model = model.to(dev).eval()
-        mpath = final/f"metrics-seed{seed}.json"
+        mpath = final/f"metrics-seed{seed}-{code_version(ddim_timesteps, _ddim_move, ddim_encode, ddim_decode, _dark_bright_pair)}.json" # recomputed when the checks change
         if mpath.exists(): out = json.loads(mpath.read_text())
         else:
             x0 = to_model_range(test).to(dev)
