@@ -15,7 +15,7 @@ import timm
 import torchvision
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
-from .data import (seed_everything, get_device, cache_path, config_hash, atomic_write, check_tensor, make_ellipses,
+from .data import (seed_everything, get_device, cache_path, code_version, config_hash, atomic_write, check_tensor, make_ellipses,
     split_indices, CELEBA_ATTRS, CelebA, write_tiny_celeba, make_brain_phantoms, load_brain_rois,
     subject_split, class_weights, BrainROIDataset)
 
@@ -355,6 +355,12 @@ def _seeded(seed, build): # build a model with its initial weights drawn from `s
 ELLIPSE_TARGETS = {"classifier": ("label", "binary", 0.), "log_ar": ("log_ar", "regression", 0.),
                    "area": ("area", "regression", 1.)}  # model key: (data key, task, paper's L2 weight λ)
 
+_TRAIN_CODE = ("train_model", "l2_penalty", "_loss", "evaluate", "predict") # the training loop, in every model cache key
+
+def _code(*names): # `code_version` of this chapter's functions/classes, read from the exported module (works in notebooks too)
+    import diffexplain.models as m
+    return code_version(*(getattr(m, k) for k in names))
+
 def ellipse_models(profile: str = "quick", # "smoke" | "quick" | "paper" (see `ELLIPSE_PROFILES`)
                    cache_dir: str|Path|None = None, # data and checkpoints live here (default `default_cache_dir()`)
                    seed: int = 0, # data, split and training seed
@@ -376,6 +382,7 @@ def ellipse_models(profile: str = "quick", # "smoke" | "quick" | "paper" (see `E
         v = torch.from_numpy(np.asarray(data[col])).float()
         mean, std = (0., 1.) if task == "binary" else (float(v[split["train"]].mean()), float(v[split["train"]].std()))
         cfg = dict(model="EllipseCNN", target=col, task=task, profile=profile, data=dict(n=p["n"], seed=seed),
+                   code=_code("EllipseCNN", "cnn_block", "Rescaled", "_seeded", *_TRAIN_CODE),
                    seed=seed, mean=mean, std=std, l2=lam, l2_effective=lam / std**2,
                    **{k: p[k] for k in ("lr", "batch_size", "max_epochs", "patience", "time_limit")})
         build = lambda c: (_seeded(c["seed"], EllipseCNN) if c["task"] == "binary"
@@ -434,6 +441,7 @@ def celeba_classifier(profile: str = "quick", # "smoke" | "quick" | "paper" (see
     rng = np.random.default_rng(seed)
     train_ds, val_ds = _subset(sets["train"], p["n_train"], rng), _subset(sets["val"], p["n_val"], rng)
     cfg = dict(model="resnet10t", target=attribute, profile=profile, data=data_id, seed=seed, n_train=len(train_ds),
+               code=_code("resnet10t", "_seeded", *_TRAIN_CODE),
                n_val=len(val_ds), **{k: p[k] for k in ("size", "lr", "batch_size", "max_epochs", "patience")})
     def train(m, c):
         t0 = time.time()
@@ -494,6 +502,7 @@ def brain_models(profile: str = "quick", # "smoke" | "quick" | "paper" (see `BRA
     data = {**rois, "volume_z": ((vol - mean)/std).astype(np.float32)}
     synthetic = p["data"] == "phantoms"
     base = dict(model="resnet10t_3d", profile=profile, seed=seed, split=BRAIN_SPLIT,
+                code=_code("resnet10t", "to_3d", "resnet10t_3d", "Rescaled", "_seeded", *_TRAIN_CODE) + code_version(BrainROIDataset, class_weights),
                 data=dict(kind=p["data"], table=str(table) if synthetic else str(Path(table).resolve()),
                           n_rois=len(vol), roi_size=p["roi_size"]),
                 **{k: p[k] for k in ("n_aug", "max_deg", "lr", "batch_size", "max_epochs", "patience")})
