@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #ee1b3859
 from __future__ import annotations
-import ast, hashlib, inspect, json, math, os, random, tempfile, textwrap
+import ast, functools, hashlib, inspect, json, math, os, random, re, shutil, tempfile, textwrap, time, warnings, zipfile, zlib
 from pathlib import Path
 import numpy as np
 import torch
@@ -13,7 +13,8 @@ from torch.utils.data import Dataset, TensorDataset
 # %% auto #0
 __all__ = ['SQUARE_SIZE', 'SQUARE_BORDER', 'SQUARE_IMG', 'SQUARE_POSITIONS', 'CELEBA_SPLITS', 'CELEBA_ATTRS', 'TINY_CELEBA_LINKS',
            'HIPPO_LABELS', 'seed_everything', 'get_device', 'config_hash', 'default_cache_dir', 'cache_path',
-           'code_version', 'atomic_write', 'save_arrays', 'load_arrays', 'check_tensor', 'render_ellipses',
+           'code_version', 'CorruptFileError', 'clean_stale_tmp', 'atomic_write', 'save_arrays', 'load_arrays',
+           'fingerprint', 'load_entry', 'save_entry', 'Store', 'open_store', 'check_tensor', 'render_ellipses',
            'sample_ellipse_params', 'make_ellipses', 'split_indices', 'tensor_dataset', 'moment_area', 'moment_log_ar',
            'render_squares', 'make_squares', 'reference_value', 'square_eval_grid', 'read_attr_file', 'load_face_image',
            'CelebA', 'CelebAHQ', 'AgeTable', 'write_tiny_celeba', 'extract_hippocampus_rois', 'read_subject_table',
@@ -74,14 +75,32 @@ def code_version(*objs, # functions, classes or modules whose code determines an
     return h.hexdigest()[:10]
 
 # %% ../nbs/00_data.ipynb #4628dee4
+class CorruptFileError(ValueError):
+    "A stored file that cannot be read back (truncated or not in the expected format); the message names the file."
+
+def clean_stale_tmp(folder: str|Path, # folder to tidy
+                    min_age_s: float = 3600.0, # only leftovers at least this old (a live writer's file is younger)
+                   ) -> list: # the removed paths
+    "Remove the `.<name>.*.tmp` leftovers of `atomic_write`s that were killed before they finished."
+    folder, now, out = Path(folder), time.time(), []
+    if not folder.is_dir(): return out
+    for f in folder.glob(".*.tmp"):
+        try:
+            if now - f.stat().st_mtime >= min_age_s: f.unlink(); out.append(f)
+        except FileNotFoundError: pass                    # another process tidied it first
+    return out
+
 def atomic_write(path: str|Path, # destination file
                  write_fn, # called with a temporary path in the same folder; must write the file there
                 ) -> Path:
     "Write a file so that readers see either the old or the complete new file, never a partial one (crash-safe)."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"); os.close(fd)
     try:
-        write_fn(Path(tmp)); os.replace(tmp, path)
+        write_fn(Path(tmp))
+        with open(tmp, "rb+") as f: os.fsync(f.fileno())      # on disk before it takes the real name
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp): os.remove(tmp)
     return path
@@ -94,10 +113,128 @@ def save_arrays(path: str|Path, **arrays) -> Path:
     return atomic_write(path, _w)
 
 def load_arrays(path: str|Path) -> dict:
-    "Load an `.npz` written by `save_arrays` into a dict of NumPy arrays."
+    "Load an `.npz` written by `save_arrays` into a dict of NumPy arrays; `CorruptFileError` naming a damaged file."
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"No cached arrays at {path}")
-    with np.load(path, allow_pickle=False) as z: return {k: z[k] for k in z.files}
+    try:
+        with np.load(path, allow_pickle=False) as z: return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise CorruptFileError(f"{path} is not a readable .npz written by `save_arrays` (truncated or corrupt; "
+                               f"{type(e).__name__}: {str(e)[:80]}); delete it to recompute") from None
+
+# %% ../nbs/00_data.ipynb #h19fp002
+_ADDR = re.compile(r" at 0x[0-9a-fA-F]+")
+
+def _fp(h, o, depth, seen):
+    "Feed a canonical description of `o` into the hash `h`."
+    put = lambda *s: h.update(("|".join(map(str, s)) + ";").encode())
+    if o is None or isinstance(o, (bool, int, float, complex, str, bytes, np.generic)): return put(type(o).__name__, repr(o))
+    if isinstance(o, Path): return put("path", o)
+    if torch.is_tensor(o):
+        t = o.detach().cpu().contiguous().reshape(-1)
+        put("tensor", o.dtype, tuple(o.shape)); return h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if isinstance(o, np.ndarray):
+        put("array", o.dtype, o.shape)
+        return h.update(np.ascontiguousarray(o).tobytes() if o.dtype.kind != "O" else repr(o.tolist()).encode())
+    if id(o) in seen or depth > 6: return put("...", type(o).__qualname__)
+    seen = seen | {id(o)}
+    if isinstance(o, torch.nn.Module):
+        try: put("module", type(o).__qualname__, code_version(type(o)))
+        except ValueError: put("module", type(o).__qualname__)
+        return [_fp(h, v, depth + 1, seen) for v in (list(o.state_dict().items()), o.training)] and None
+    if isinstance(o, dict): put("dict", len(o)); return [_fp(h, (str(k), v), depth + 1, seen) for k, v in sorted(o.items(), key=lambda kv: str(kv[0]))] and None
+    if isinstance(o, (list, tuple)): put(type(o).__name__, len(o)); return [_fp(h, v, depth + 1, seen) for v in o] and None
+    if isinstance(o, (set, frozenset)): return _fp(h, sorted(map(repr, o)), depth + 1, seen)
+    if isinstance(o, functools.partial): return _fp(h, ("partial", o.func, o.args, o.keywords), depth + 1, seen)
+    if inspect.ismethod(o): return _fp(h, ("method", o.__func__, o.__self__), depth + 1, seen)
+    if inspect.isfunction(o):
+        try: put("function", o.__qualname__, code_version(o)); src = True
+        except (ValueError, SyntaxError): put("function", o.__qualname__); src = False   # no readable source (e.g. exec'd)
+        if not src or o.__name__ == "<lambda>":                # a lambda's source is its whole line: add its bytecode
+            h.update(o.__code__.co_code); put(_ADDR.sub("", repr(o.__code__.co_consts)))
+        cells = [c.cell_contents for c in (o.__closure__ or ()) if _has_contents(c)]
+        glob = {n: o.__globals__[n] for n in sorted(_code_names(o.__code__)) if n in o.__globals__ and _own(o.__globals__[n], o)}
+        return _fp(h, (o.__defaults__, o.__kwdefaults__, cells, glob), depth + 1, seen)
+    if inspect.ismodule(o) or inspect.isclass(o) or inspect.isbuiltin(o):
+        try: return put("code", getattr(o, "__qualname__", o.__name__), code_version(o))
+        except (ValueError, TypeError, SyntaxError): return put("code", getattr(o, "__module__", ""), getattr(o, "__qualname__", o.__name__))
+    put("object", type(o).__module__, type(o).__qualname__)
+    if hasattr(o, "config") and isinstance(getattr(o, "config"), dict): return _fp(h, dict(o.config), depth + 1, seen)   # diffusers
+    if hasattr(o, "__dict__"): return _fp(h, vars(o), depth + 1, seen)
+    return put(_ADDR.sub("", repr(o)))
+
+def _own(v, fn) -> bool:
+    "Is the global `v` something `fn`'s caller made (a model, tensor, setting, local function), not a library import?"
+    if inspect.ismodule(v) or inspect.isclass(v) or inspect.isbuiltin(v): return False
+    if inspect.isfunction(v): return v.__module__ == fn.__module__
+    return True
+
+def _has_contents(cell):
+    try: cell.cell_contents; return True
+    except ValueError: return False                      # an empty cell (variable not yet bound)
+
+def _code_names(code) -> set:
+    "Global names a code object (and the functions nested in it) refers to."
+    out = set(code.co_names)
+    for c in code.co_consts:
+        if inspect.iscode(c): out |= _code_names(c)
+    return out
+
+def fingerprint(obj, # what produced an artefact: model, function, tensor, array, dict of settings, ...
+               ) -> str: # 12 hex digits; equal objects (same weights, code, closure, content) give equal fingerprints
+    "Content fingerprint: tensors/arrays by content, modules by code and weights, functions by code, closure and globals used."
+    h = hashlib.sha1(); _fp(h, obj, 0, frozenset()); return h.hexdigest()[:12]
+
+def load_entry(path: str|Path, # an entry file written by `save_entry`
+               key: str|None = None, # the key it must carry; None accepts any
+              ) -> dict|None: # its arrays, or None when it must be (re)computed
+    "A stored entry, or None when missing, damaged (warned, removed) or made for another key (warned): never a stale result."
+    path = Path(path)
+    if not path.exists(): return None
+    try: z = load_arrays(path)
+    except CorruptFileError as e:
+        warnings.warn(f"recomputing {path}: {e}"); path.unlink(missing_ok=True); return None
+    stored = str(z.pop("_key", ""))
+    if key is not None and stored != key:
+        warnings.warn(f"recomputing {path}: it holds another entry or run (key {stored or 'missing'!r}, expected {key!r})")
+        return None
+    return z
+
+def save_entry(path: str|Path, key: str, **arrays) -> Path:
+    "Atomically save an entry's arrays together with its key."
+    return save_arrays(path, _key=np.array(str(key)), **arrays)
+
+class Store:
+    "A resumable folder of `.npz` entries whose keys tie them to the store's fingerprints and to their own name."
+    def __init__(self, folder: Path, key: str, fingerprints: dict): self.folder, self.key, self.fingerprints = Path(folder), key, fingerprints
+    def path(self, name: str) -> Path: return self.folder/f"{name}.npz"
+    def entry_key(self, name: str) -> str: return f"{self.key}/{name}"
+    def load(self, name: str) -> dict|None: return load_entry(self.path(name), self.entry_key(name))
+    def save(self, name: str, **arrays) -> Path: return save_entry(self.path(name), self.entry_key(name), **arrays)
+    def __repr__(self): return f"Store({str(self.folder)!r}, key={self.key!r})"
+
+def open_store(folder: str|Path, # the store's folder (created)
+               fingerprints: dict, # {what: fingerprint or plain value}: models, functions, inputs' hash, code version, settings
+               on_mismatch: str = "refuse", # "refuse": ValueError naming the differing fingerprints; "recompute": warn, clear
+               entries: str = "*.npz", # glob of the entry files that "recompute" removes
+              ) -> Store:
+    "Open a resumable store whose `meta.json` records what produced it; a rerun by something else refuses or recomputes."
+    if on_mismatch not in ("refuse", "recompute"): raise ValueError(f"`on_mismatch` must be 'refuse' or 'recompute', got {on_mismatch!r}")
+    if not isinstance(fingerprints, dict) or not fingerprints: raise ValueError("`fingerprints` must be a non-empty dict")
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True); clean_stale_tmp(folder)
+    fps = json.loads(json.dumps(fingerprints, sort_keys=True, default=str)); meta = folder/"meta.json"
+    old = None
+    if meta.exists():
+        try: old = json.loads(meta.read_text())["fingerprints"]
+        except (ValueError, KeyError, TypeError): warnings.warn(f"{meta} is unreadable; rewriting it (entries are checked one by one)")
+    if old is not None and old != fps:
+        diff = sorted(k for k in set(old) | set(fps) if old.get(k) != fps.get(k))
+        msg = f"store {folder} was made by a different run: the fingerprints of {diff} differ"
+        if on_mismatch == "refuse": raise ValueError(f"{msg}; use a new folder, delete it, or pass on_mismatch='recompute'")
+        warnings.warn(f"{msg}; recomputing (its entries are removed)")
+        for f in folder.glob(entries): f.unlink(missing_ok=True)
+    if old != fps: atomic_write(meta, lambda t: t.write_text(json.dumps(dict(fingerprints=fps), indent=1, sort_keys=True)))
+    return Store(folder, config_hash(fps), fps)
 
 # %% ../nbs/00_data.ipynb #94cda30c
 def check_tensor(x, # array or tensor to check
@@ -203,7 +340,7 @@ def make_ellipses(n: int = 10_000, # number of images
     path = None
     if cache_dir is not False:
         path = cache_path("ellipses", config, cache_dir); path = path.with_name(path.name + ".npz")
-        if path.exists(): return load_arrays(path)
+        if (z := load_entry(path)) is not None: return z         # a damaged cache file is recomputed with a warning
     data = sample_ellipse_params(n, img_size, seed, **kwargs)
     data["images"] = render_ellipses(data["row"], data["col"], data["a"], data["b"], data["theta"], img_size)[:, None]
     if path is not None: save_arrays(path, **data)
@@ -560,12 +697,15 @@ def extract_hippocampus_rois(t1, # (X, Y, Z) T1 intensities in RAS+ orientation 
     return {k: np.stack(v) for k, v in out.items()}
 
 # %% ../nbs/00_data.ipynb #2ca64189
-def _load_canonical(path, name):
+def _load_canonical(path, name, subject=None):
     import nibabel as nib
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"{name} file {path} not found")
-    img = nib.as_closest_canonical(nib.load(str(path)))
-    return np.ascontiguousarray(np.asarray(img.dataobj)), tuple(float(z) for z in img.header.get_zooms()[:3])
+    path = Path(path); who = f" of subject {subject}" if subject is not None else ""
+    if not path.is_file(): raise FileNotFoundError(f"{name} file {path}{who} not found")
+    try:                                    # nibabel reads lazily: a truncated .nii.gz fails while reading the voxels
+        img = nib.as_closest_canonical(nib.load(str(path)))
+        return np.ascontiguousarray(np.asarray(img.dataobj)), tuple(float(z) for z in img.header.get_zooms()[:3])
+    except (EOFError, OSError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as e:
+        raise ValueError(f"{name} file {path}{who} is truncated or not a readable NIfTI ({type(e).__name__}: {str(e)[:80]})") from None
 
 def read_subject_table(table: str|Path, # CSV with `subject`, `diagnosis` (CN/AD) and optional `t1`, `aseg` columns
                       ):  # pandas DataFrame with absolute `t1`, `aseg` paths and `label` (AD=1, CN=0)
@@ -603,10 +743,10 @@ def load_brain_rois(table: str|Path, # subject table (see `read_subject_table`)
     if cache_dir is not False:
         path = cache_path("brain-rois", dict(table=str(Path(table).resolve()), size=size, files=config_hash({"f": stamp})), cache_dir)
         path = path.with_name(path.name + ".npz")
-        if path.exists(): return load_arrays(path)
+        if (z := load_entry(path)) is not None: return z         # a damaged cache file is recomputed with a warning
     parts = []
     for row in tqdm(df.itertuples(), total=len(df), desc="brain ROIs"):
-        t1, z = _load_canonical(row.t1, "T1"); seg, _ = _load_canonical(row.aseg, "aseg")
+        t1, z = _load_canonical(row.t1, "T1", row.subject); seg, _ = _load_canonical(row.aseg, "aseg", row.subject)
         try: r = extract_hippocampus_rois(t1, np.round(seg).astype(np.int32), z, size)
         except ValueError as e: raise ValueError(f"subject {row.subject}: {e}") from None
         parts.append(r)
