@@ -194,3 +194,55 @@ def test_plots_return_figures():
 def test_bad_input(call, msg):
     y, v = mixture(200, PI, PG, seed=14)
     with pytest.raises(ValueError, match=msg): call(y, v)
+
+
+# --- bias-aware scores (issue 15, item 3) ---
+from diffexplain.scores import null_floor, corrected_global_score, score_test, interval_coverage, ScoreTest
+
+
+def test_null_floor_analytic_and_brute_force():
+    assert abs(null_floor(np.full(20, 16)) - 19 / 319) < 1e-12                 # quick study: (G - 1)/(n - 1)
+    sizes = np.array([3, 10, 30]); v = np.repeat(np.arange(3), sizes); rng = np.random.default_rng(0)
+    for w in ("frequency", "equal"):
+        brute = np.mean([global_score(rng.normal(size=v.size), v, w) for _ in range(3000)])
+        assert abs(brute - null_floor(sizes, w)) < 0.006, (w, brute, null_floor(sizes, w))
+
+
+def test_corrected_score_unbiased_with_unequal_variances_and_frequency_weights():
+    pi, pg = [.2, .3, .4, .1], [.05, .3, .7, .5]
+    truth, _ = closed_form(pi, pg)
+    v = np.repeat(np.arange(4), [8, 12, 16, 4])                                  # fixed group sizes ∝ pi
+    rng = np.random.default_rng(1)
+    draws = [(rng.random(v.size) < np.asarray(pg)[v]).astype(float) for _ in range(4000)]
+    corr = np.mean([corrected_global_score(y, v) for y in draws])
+    plug = np.mean([global_score(y, v) for y in draws])
+    assert abs(corr - truth) < 0.01 < plug - truth, (truth, corr, plug)
+    y = draws[0]                                                                  # var_y fixed: 1 - Û/var_y
+    s2 = pd.Series(y).groupby(v).var(ddof=1).values
+    assert abs(corrected_global_score(y, v, var_y=0.25) - (1 - (np.array([8, 12, 16, 4]) / 40 * s2).sum() / 0.25)) < 1e-12
+
+
+def test_score_test_null_calibrated_and_power():
+    rng = np.random.default_rng(2); v = np.repeat(np.arange(10), 12)
+    ps = np.array([score_test(rng.integers(0, 2, v.size), v, n_perm=200, n_boot=100, seed=i).p_value for i in range(300)])
+    assert abs((ps < 0.1).mean() - 0.1) < 0.05
+    t = score_test((rng.random(v.size) < np.linspace(.05, .95, 10)[v]).astype(float), v, seed=0)
+    assert isinstance(t, ScoreTest) and t.differs_from_no_effect and t.ci[0] > 0.2
+    assert "differs from no effect" in t.verdict()
+
+
+def test_interval_coverage_shows_percentile_failure_at_no_effect():
+    cov = interval_coverage(np.full(20, .5), n_draws=80, n_boot=200, seed=3).set_index("interval")
+    old, new = cov.iloc[0], cov.iloc[1]
+    assert old.coverage < 0.1 and new.coverage > 0.85, cov
+
+
+@pytest.mark.parametrize("call, msg", [
+    (lambda: corrected_global_score([0., 1, 1, 0, 1], [0, 0, 1, 1, 2]), "at least 2 samples"),
+    (lambda: null_floor([5]), "group sizes"),
+    (lambda: score_test([0., 1, 1, 0], [0, 0, 1, 1], n_boot=5), "n_boot"),
+    (lambda: score_test([0., 1, 1, 0], [0, 0, 1, 1], level=1.5), "level"),
+    (lambda: interval_coverage([0., 0.]), "constant"),
+])
+def test_bias_aware_bad_input(call, msg):
+    with pytest.raises(ValueError, match=msg): call()
