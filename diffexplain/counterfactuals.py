@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 from .data import check_tensor, save_arrays, load_arrays, config_hash
+from .data import fingerprint, open_store
 from .data import get_device, make_squares, split_indices, square_eval_grid, code_version
 from .models import EllipseCNN, square_resnet18, Rescaled, train_model, load_or_train, evaluate
 from .diffusion import load_or_train_ddpm, eps_fn, ddim_encode, ddim_decode, linear_schedule
@@ -23,10 +24,10 @@ from .diffusion import ellipse_ddpm, ellipse_check
 # %% auto #0
 __all__ = ['DIFFAE_DISTANCES', 'ELLIPSE_CE_PROFILES', 'CELEBA_CE_PROFILES', 'SQUARE_CF_PROFILES', 'to_f_range',
            'check_differentiable', 'check_reference', 'respaced_scheduler', 'last_timesteps', 'ddpm_step',
-           'posterior_variance', 'diffusion_filter', 'change_mask', 'repaint_refine', 'acre', 'diffae_re',
-           'diffusion_ce', 'flip_rate', 'reference_sweep', 'plot_reference_sweep', 'run_batched', 'ce_summary',
-           'plot_ce_pairs', 'ellipse_ce_metrics', 'ellipse_ce', 'celeba_ce', 'downsample_squares', 'square_setup',
-           'DiffAECodec', 'square_eval_set', 'square_counterfactual_eval', 'tint_sensitivity']
+           'posterior_variance', 'diffusion_filter', 'change_mask', 'sample_streams', 'repaint_refine', 'acre',
+           'diffae_re', 'diffusion_ce', 'flip_rate', 'reference_sweep', 'plot_reference_sweep', 'run_batched',
+           'ce_summary', 'plot_ce_pairs', 'ellipse_ce_metrics', 'ellipse_ce', 'celeba_ce', 'downsample_squares',
+           'square_setup', 'DiffAECodec', 'square_eval_set', 'square_counterfactual_eval', 'tint_sensitivity']
 
 # %% ../nbs/05_counterfactuals.ipynb #8b08bc4e
 def to_f_range(x,               # images in [-1, 1]
@@ -159,15 +160,29 @@ def change_mask(x,             # (n, C, H, W) original
     if dilation > 1: d = F.max_pool2d(d, dilation, stride=1, padding=dilation // 2)[..., :H, :W]
     return (d >= threshold).float()
 
+def sample_streams(generator: torch.Generator|None, # seeds the streams (None: torch's global generator)
+                   n: int, # number of samples
+                  ) -> list: # n CPU generators
+    "One random stream per sample, seeded from `generator`: a sample's noise does not depend on the rest of the batch."
+    if not isinstance(n, (int, np.integer)) or n < 1: raise ValueError(f"`n` must be a positive int, got {n!r}")
+    return [torch.Generator().manual_seed(int(s)) for s in torch.randint(0, 2**62, (n,), generator=generator)]
+
+def _randn(gen, shape, like):
+    "Standard normal noise of `shape` (leading dim n) from one generator or from a list of n per-sample streams."
+    if isinstance(gen, (list, tuple)):
+        if len(gen) != shape[0]: raise ValueError(f"need one stream per sample ({shape[0]}), got {len(gen)}")
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in gen]).to(like)
+    return torch.randn(tuple(shape), generator=gen).to(like)
+
 def repaint_refine(x,        # (n, C, H, W) original in [-1, 1]
-                   x_pre,    # (n, C, H, W) pre-explanation
+                   x_pre,    # (n, C, H, W) pre-explanation (AC-RE: the attacked image x_adv, as in the authors' code)
                    mask,     # (n, 1, H, W) 1 where the image may change
                    eps, sched, steps, # ε-model, respaced scheduler, depth τ (as for the filter)
-                   generator=None,
+                   generator=None, # a torch.Generator, or a list of n per-sample streams (`sample_streams`)
                   ) -> torch.Tensor:
     "RePaint-style regeneration of the masked region, the rest re-noised from `x` before every step."
     ts = last_timesteps(sched, steps)
-    rn = lambda: torch.randn(x.shape, generator=generator).to(x)
+    rn = lambda: _randn(generator, x.shape, x)
     x_t = sched.add_noise(x_pre, rn(), torch.tensor([ts[0]]))
     for t in ts:
         known = sched.add_noise(x, rn(), torch.tensor([t]))
@@ -186,41 +201,50 @@ def acre(x,                     # (n, C, H, W) images in [-1, 1]
          steps: int = 5,        # noise/denoise depth τ in respaced steps (fraction 0.1 of 50, 0.2 of 25)
          step_size: float = 2/255, # PGD step on the sign of the gradient, in [0, 1] intensity units
          max_iter: int = 100,   # PGD iterations (squares 100, CelebA-HQ 200)
-         threshold: float = 0.05, # early stop per sample once |f - r| <= threshold
-         dilation: int = 5,     # refinement mask dilation (squares 5, CelebA-HQ 15)
-         mask_threshold: float = 0.15, # refinement mask threshold
-         linf: float|None = None, # optional L-inf budget around x, in [0, 1] units (None: only clamp to range)
+         threshold: float = 0.05, # early stop per sample once |f(F(x_adv)) - r| <= threshold
+         dilation: int = 5,     # refinement mask dilation, odd (squares 5, CelebA-HQ 15)
+         mask_threshold: float = 0.15, # refinement mask threshold, in (0, 1]
+         linf: float|None = None, # optional L-inf budget around x, in [0, 1] units, >= 0 (None: only clamp to range)
          guidance: float = 1.0, # multiplies the PGD step; 0 switches the attack off (ablation)
          refine: bool = True,   # run the RePaint refinement
+         filter_noise: str = "fresh", # fresh: new filter noise at every PGD iteration (ACE) | fixed: one draw per sample
          f_range=(0., 1.),      # input range of `f`
          train_range=None,      # (lo, hi) of the regressor's training targets; r outside -> warning
-         generator: torch.Generator|None = None,
+         generator: torch.Generator|None = None, # seeds one random stream per sample (`sample_streams`)
          progress: bool = True,
-        ) -> dict:  # x_pre, y_pre, x_cf, y_cf, mask, y_orig, n_iter, success, r (tensors, leading dim n)
-    "AC-RE (regression paper §3.3.1): PGD through the DDPM filter to reach `r`, then RePaint refinement."
+        ) -> dict:  # x_pre (= x_adv), y_pre, x_filtered, y_filtered, x_cf, y_cf, mask, y_orig, n_iter, success, r
+    "AC-RE (regression paper §3.3.1, the authors' `filter_fn`): PGD through the DDPM filter to reach `r`, then RePaint refinement of x_adv."
     _check_images(x); n = x.shape[0]
+    if n == 0: raise ValueError("`x` must hold at least one image, got an empty batch")
     r = check_reference(r, n, train_range, x.device)
     if max_iter < 0 or step_size < 0: raise ValueError("`max_iter` and `step_size` must be >= 0")
+    if linf is not None and not linf >= 0: raise ValueError(f"`linf` must be None or >= 0, got {linf}")
+    if not 0 < mask_threshold <= 1: raise ValueError(f"`mask_threshold` must be in (0, 1], got {mask_threshold}")
+    if not isinstance(dilation, (int, np.integer)) or dilation < 1 or dilation % 2 == 0:
+        raise ValueError(f"`dilation` must be an odd int >= 1, got {dilation!r}")
+    if filter_noise not in ("fresh", "fixed"): raise ValueError(f"`filter_noise` must be 'fresh' or 'fixed', got {filter_noise!r}")
     sched = respaced_scheduler(scheduler, respacing); last_timesteps(sched, steps)
     fx = lambda im: _call_model(f, to_f_range(im, f_range), "f")
     y_orig = check_differentiable(lambda im: f(to_f_range(im, f_range)), x, "f")
     _eps(eps, x, int(sched.timesteps[-1]))
-    noise = torch.randn((steps + 1, *x.shape), generator=generator).to(x)
+    streams = sample_streams(generator, n)
+    draw = lambda idx: _randn([streams[i] for i in idx.tolist()], (len(idx), steps + 1, *x.shape[1:]), x).transpose(0, 1)
+    fixed = draw(torch.arange(n)) if filter_noise == "fixed" else None   # (steps + 1, n, C, H, W)
     eta = 2 * step_size * guidance                      # [0,1] units -> [-1,1] units
     lo, hi = (-1., 1.)
-    x_adv, x_pre = x.clone(), x.clone()
-    y_pre = torch.empty(n, device=x.device); n_iter = torch.zeros(n, dtype=torch.long)
+    x_adv, x_filt = x.clone(), x.clone()
+    y_filt = torch.empty(n, device=x.device); n_iter = torch.zeros(n, dtype=torch.long)
     active = torch.ones(n, dtype=torch.bool, device=x.device)
     for it in tqdm(range(max_iter + 1), desc="AC-RE", disable=not progress, leave=False):
         idx = active.nonzero().flatten()
         if len(idx) == 0: break
         with torch.enable_grad():
             xa = x_adv[idx].clone().requires_grad_(True)
-            pre = diffusion_filter(xa, eps, sched, steps, noise[:, idx])
-            y = fx(pre)
+            filt = diffusion_filter(xa, eps, sched, steps, fixed[:, idx] if fixed is not None else draw(idx.cpu()))
+            y = fx(filt)
             loss = ((y - r[idx]) ** 2).sum()            # sum of per-sample losses: gradients independent per sample
             done = (y - r[idx]).abs() <= threshold
-            x_pre[idx], y_pre[idx] = pre.detach(), y.detach()
+            x_filt[idx], y_filt[idx] = filt.detach(), y.detach()
             if it == max_iter: break
             g, = torch.autograd.grad(loss, xa)
         upd = ~done
@@ -229,11 +253,13 @@ def acre(x,                     # (n, C, H, W) images in [-1, 1]
         xn = xn.clamp(lo, hi)
         x_adv[idx[upd]] = xn[upd]; n_iter[idx[upd].cpu()] += 1
         active[idx[done]] = False
-    out = dict(x_pre=x_pre, y_pre=y_pre, y_orig=y_orig, n_iter=n_iter, r=r, x_adv=x_adv)
+    # the authors' pre-explanation is the attacked image x_adv itself; F(x_adv) (what the attack steered) is a diagnostic
+    out = dict(x_pre=x_adv, y_pre=fx(x_adv), x_filtered=x_filt, y_filtered=y_filt, y_orig=y_orig, n_iter=n_iter, r=r)
     if refine:
-        mask = change_mask(x, x_pre, dilation, mask_threshold)
-        x_cf = repaint_refine(x, x_pre, mask, eps, sched, steps, generator)
-    else: mask, x_cf = torch.ones_like(x[:, :1]), x_pre.clone()
+        mask = change_mask(x, x_adv, dilation, mask_threshold)     # |x - x_adv|: empty when the attack did not move x
+        x_cf = x.clone(); ch = mask.flatten(1).any(1).nonzero().flatten()
+        if len(ch): x_cf[ch] = repaint_refine(x[ch], x_adv[ch], mask[ch], eps, sched, steps, [streams[i] for i in ch.tolist()])
+    else: mask, x_cf = torch.ones_like(x[:, :1]), x_adv.clone()
     y_cf = fx(x_cf)
     out.update(mask=mask, x_cf=x_cf, y_cf=y_cf, success=(y_cf - r).abs() <= threshold)
     return out
@@ -316,6 +342,23 @@ def _same_norm(g, ref):
     gn = g.flatten(1).norm(dim=1).clamp_min(1e-22).view(-1, *[1] * (g.ndim - 1))
     return g / gn * ref.flatten(1).norm(dim=1).view_as(gn)
 
+def _check_target(target, n, K, device):
+    "`target` as a (n,) LongTensor of class indices in [0, K); a ValueError for fractions, NaN or out-of-range classes."
+    try: t = torch.as_tensor(np.asarray(target) if not torch.is_tensor(target) else target)
+    except (TypeError, ValueError, RuntimeError): raise ValueError(f"`target` must be class indices, got {type(target).__name__}") from None
+    if t.dtype == torch.bool: t = t.long()
+    if not (t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+        raise ValueError(f"`target` must be integer class indices, got dtype {t.dtype}")
+    t = t.reshape(-1)
+    if t.is_floating_point() and (not torch.isfinite(t).all() or (t != t.round()).any()):
+        raise ValueError(f"`target` must be integer class indices in [0, {K - 1}], got non-integer values {t[:5].tolist()}")
+    t = t.long()
+    if t.shape[0] != n: raise ValueError(f"`target` must have shape ({n},), got {tuple(t.shape)}")
+    if ((t < 0) | (t >= K)).any():
+        raise ValueError(f"`target` must hold classes in [0, {K - 1}] for this {'binary' if K == 2 else f'{K}-class'} classifier, "
+                         f"got {sorted(set(t.tolist()))[:5]}")
+    return t.to(device)
+
 def diffusion_ce(x,                 # (n, C, H, W) or (n, C, D, H, W) originals in the diffusion model's space ([-1, 1] images or latents)
                  eps,               # eps(x_t, t)
                  scheduler,         # the DDPM's diffusers scheduler
@@ -343,8 +386,7 @@ def diffusion_ce(x,                 # (n, C, H, W) or (n, C, D, H, W) originals 
     if target is None:
         if logits0.ndim == 2 and logits0.shape[1] > 2: raise ValueError("`target` is required for classifiers with more than 2 classes")
         target = 1 - d0
-    target = torch.as_tensor(target, dtype=torch.long, device=x.device).reshape(-1)
-    if target.shape[0] != n: raise ValueError(f"`target` must have shape ({n},), got {tuple(target.shape)}")
+    target = _check_target(target, n, 2 if logits0.ndim == 1 or logits0.shape[1] == 1 else logits0.shape[1], x.device)
     if not 0 < start <= 1: raise ValueError(f"`start` must be in (0, 1], got {start}")
     T = scheduler.config.num_train_timesteps
     sched = respaced_scheduler(scheduler, num_steps or T)
@@ -420,32 +462,34 @@ def run_batched(fn,                 # a CE method, e.g. `acre`; called as fn(**b
                 seed: int = 0,      # batch b uses torch.Generator().manual_seed(seed * 100_003 + b)
                 store_dir=None,     # folder for batch_XXXXX.npz files (None: keep in memory only)
                 progress: bool = True,
+                on_mismatch: str = "refuse", # `store_dir` made by another fn/models/inputs/settings: "refuse" (say which) or "recompute"
                 **kwargs,
                ) -> dict: # NumPy arrays of every per-sample output, concatenated over batches
     "Run a counterfactual method batch by batch, seeded per batch, resuming from `store_dir`."
     if not inputs: raise ValueError("`inputs` must hold at least one per-sample array")
     ns = {k: len(v) for k, v in inputs.items()}
     if len(set(ns.values())) != 1: raise ValueError(f"`inputs` must share their first dimension, got {ns}")
-    if batch_size < 1: raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1: raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool): raise ValueError(f"`seed` must be an int, got {seed!r}")
     n = next(iter(ns.values())); nb = -(-n // batch_size)
-    if store_dir is not None:
-        store_dir = Path(store_dir); store_dir.mkdir(parents=True, exist_ok=True)
-        meta = dict(fn=getattr(fn, "__name__", str(fn)), n=n, batch_size=batch_size, seed=seed,
-                    kwargs={k: v for k, v in sorted(kwargs.items()) if _plain(v)})
-        meta["hash"] = config_hash(meta); mp = store_dir/"meta.json"
-        if mp.exists() and json.loads(mp.read_text()).get("hash") != meta["hash"]:
-            raise ValueError(f"`store_dir` {store_dir} holds a different run ({mp}); use a new folder")
-        mp.write_text(json.dumps(meta, indent=1, default=str))
+    if n == 0: raise ValueError("`inputs` are empty (0 samples): nothing to explain")
+    store = None
+    if store_dir is not None:   # keyed on what produces the results: fn, the models/arrays it gets, the inputs' content, code
+        settings = dict(fn=getattr(fn, "__name__", str(fn)), n=n, batch_size=batch_size, seed=seed,
+                        kwargs={k: v for k, v in sorted(kwargs.items()) if _plain(v)})
+        fps = dict(settings=config_hash(settings), fn=fingerprint(fn), code=fingerprint(run_batched),
+                   **{f"kwargs.{k}": fingerprint(v) for k, v in sorted(kwargs.items()) if not _plain(v)},
+                   **{f"inputs.{k}": fingerprint(v) for k, v in sorted(inputs.items())})
+        store = open_store(store_dir, fps, on_mismatch, entries="batch_*.npz")   # meta.json written atomically
     parts = []
     for b in tqdm(range(nb), desc=getattr(fn, "__name__", "batches"), disable=not progress):
-        path = store_dir/f"batch_{b:05d}.npz" if store_dir is not None else None
-        if path is not None and path.exists(): parts.append(load_arrays(path)); continue
+        if store is not None and (z := store.load(f"batch_{b:05d}")) is not None: parts.append(z); continue   # damaged/foreign: recomputed
         sl = slice(b * batch_size, min(n, (b + 1) * batch_size)); m = sl.stop - sl.start
         out = fn(**{k: v[sl] for k, v in inputs.items()}, generator=torch.Generator().manual_seed(seed * 100_003 + b),
                  progress=False, **kwargs)
         res = {k: (v.detach().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)) for k, v in out.items()
                if (torch.is_tensor(v) or isinstance(v, np.ndarray)) and v.ndim >= 1 and len(v) == m}
-        if path is not None: save_arrays(path, **res)
+        if store is not None: store.save(f"batch_{b:05d}", **res)
         parts.append(res)
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from .data import cache_path, check_tensor, config_hash, load_arrays, make_ellipses, save_arrays, split_indices
+from .data import code_version, fingerprint, open_store
 from .models import ELLIPSE_PROFILES, ellipse_models
 from .diffusion import ddim_encode, ellipse_ddpm, from_model_range, eps_fn as unet_eps
 
@@ -21,8 +22,9 @@ from .diffusion import ddim_encode, ellipse_ddpm, from_model_range, eps_fn as un
 __all__ = ['PAPER_RHO', 'SWEEP_KEYS', 'SAMPLER_PROFILES', 'gaussian_eps', 'rho_schedule', 'x0_from_eps', 'dps_direction',
            'downsample_mask', 'check_mask', 'respaced', 'constrained_sample', 'reject', 'acceptance_rates',
            'feature_stats', 'sample_seeds', 'target_file', 'load_sweep', 'constrained_sweep', 'accelerate_sweep',
-           'sampling_study', 'best_rho', 'few_step_matches', 'validated_setting', 'parse_rho', 'plot_sampling_study',
-           'ellipse_sampling_study', 'ddim_scheduler', 'ddim_invert', 'guided_edit']
+           'sampling_study', 'best_rho', 'convergence_chain', 'converged_reference', 'few_step_matches',
+           'validated_setting', 'validated_sampler', 'parse_rho', 'plot_sampling_study', 'ellipse_sampling_study',
+           'ddim_scheduler', 'ddim_invert', 'guided_edit']
 
 # %% ../nbs/03_guided_sampling.ipynb #d28e1f9f
 def gaussian_eps(scheduler, # diffusers scheduler providing `alphas_cumprod`
@@ -48,16 +50,18 @@ def rho_schedule(rho, # float ≥ 0, or {first_t: value} pieces (must start at t
     if callable(rho):
         def f(t):
             r = float(rho(int(t)))
-            if not r >= 0: raise ValueError(f"`rho` must return values ≥ 0, got {r} at t={int(t)}")
+            if not 0 <= r < math.inf: raise ValueError(f"`rho` must return values ≥ 0 and finite, got {r} at t={int(t)}")
             return r
         return f
     if isinstance(rho, dict):
         if not rho or min(rho) != 0: raise ValueError(f"`rho` pieces must start at t=0, got keys {sorted(rho)}")
         starts = sorted(int(k) for k in rho); vals = [float(rho[k]) for k in starts]
-        if any(not v >= 0 for v in vals): raise ValueError(f"`rho` must be ≥ 0, got {vals}")
+        if any(not 0 <= v < math.inf for v in vals): raise ValueError(f"`rho` must be ≥ 0 and finite, got {vals}")
         return lambda t: vals[int(np.searchsorted(starts, int(t), side="right")) - 1]
+    if isinstance(rho, (str, bytes, bool)) or not isinstance(rho, (int, float, np.number)) and not (torch.is_tensor(rho) and rho.numel() == 1):
+        raise ValueError(f"`rho` must be a float ≥ 0, a {{first_t: value}} dict or a callable, got {type(rho).__name__}")
     r = float(rho)
-    if not r >= 0: raise ValueError(f"`rho` must be ≥ 0, got {rho}")
+    if not 0 <= r < math.inf: raise ValueError(f"`rho` must be ≥ 0 and finite, got {rho}")
     return lambda t: r
 
 # %% ../nbs/03_guided_sampling.ipynb #1972fcda
@@ -93,21 +97,25 @@ def dps_direction(x_t, # (n, ...) noisy samples at step t
                   alpha_bar_t, # ᾱ_t
                   decode: Callable|None = None, # latent -> image, for latent diffusion
                   amp_dtype: torch.dtype|None = None, # autocast dtype for eps/g (GPU: torch.bfloat16)
-                 ) -> tuple: # (unit direction (n, ...), eps (n, ...) detached, g(x̂0) detached)
-    "Per-sample unit gradient of ‖c0 − g(x̂0)‖² w.r.t. x_t (Eq. 8, last line), with the ε it used."
+                  norm: str = "sample", # "sample": unit norm per sample; "batch": unit norm over the whole batch (DPS's code)
+                  clip_x0: bool = False, # evaluate g on x̂0 clipped to [-1, 1], the x̂0 a `clip_sample=True` step uses
+                 ) -> tuple: # (direction (n, ...), eps (n, ...) detached, g(x̂0) detached)
+    "Normalised gradient of ‖c0 − g(x̂0)‖² w.r.t. x_t (Eq. 8, last line), per sample or over the batch, with the ε it used."
+    if norm not in ("sample", "batch"): raise ValueError(f"`norm` must be 'sample' or 'batch', got {norm!r}")
     n = x_t.shape[0]
     with torch.enable_grad(), torch.autocast(x_t.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
         x = x_t.detach().requires_grad_(True)
         eps = eps_fn(x, _tvec(t, n, x.device)).float()
         x0_hat = x0_from_eps(x, eps, alpha_bar_t)
+        if clip_x0: x0_hat = x0_hat.clamp(-1, 1)
         v = _feature(g, decode(x0_hat) if decode is not None else x0_hat, n).float()
         if v.grad_fn is None:
             raise ValueError("`g` must be differentiable (its output has no grad_fn): build it from torch operations "
                              "and do not call it under torch.no_grad(), .detach() or .item()")
         loss = (_as_c0(c0, v) - v).pow(2).reshape(n, -1).sum(1) # (n,) ‖c0 − g(x̂0)‖² per sample
         grad, = torch.autograd.grad(loss.sum(), x) # per-sample: samples do not interact
-    norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1]*(x_t.ndim - 1))
-    return grad/norm, eps.detach(), v.detach()
+    size = grad.flatten(1).norm(dim=1) if norm == "sample" else grad.norm().expand(n) # ‖∇‖ per sample, or one for the batch
+    return grad/size.clamp_min(1e-12).view(-1, *[1]*(x_t.ndim - 1)), eps.detach(), v.detach()
 
 # %% ../nbs/03_guided_sampling.ipynb #50192fd5
 def downsample_mask(mask, # (n|1, 1, H, W) or (n|1, 1, D, H, W) mask, 1 = known
@@ -150,6 +158,16 @@ def respaced(scheduler, # a diffusers scheduler (left untouched)
     elif s.num_inference_steps is None: s.set_timesteps(s.config.num_train_timesteps)
     return s
 
+def _check_step(v, what, i, t, shape=None):
+    "Stop at the first sampling step whose `what` is wrong: the batch shape (no silent broadcast) or NaN/inf."
+    if shape is not None and (not torch.is_tensor(v) or tuple(v.shape) != tuple(shape)):
+        raise ValueError(f"step {i} (t={int(t)}): the {what} must have the batch's shape {tuple(shape)}, got "
+                         f"{tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}")
+    if not torch.isfinite(v).all():
+        raise FloatingPointError(f"step {i} (t={int(t)}): the {what} contains NaN or inf "
+                                 f"({int((~torch.isfinite(v)).sum())} of {v.numel()} values); sampling stopped")
+    return v
+
 def constrained_sample(eps_fn: Callable, # eps(x_t, t) -> (n, ...) ε-prediction
                        scheduler, # diffusers DDPMScheduler/DDIMScheduler (its config; it is copied, not changed)
                        shape: tuple, # batch shape (n, C, *spatial)
@@ -164,6 +182,8 @@ def constrained_sample(eps_fn: Callable, # eps(x_t, t) -> (n, ...) ε-prediction
                        num_steps: int|None = None, # respace to this many steps; None: the scheduler's timesteps
                        step_kwargs: dict|None = None, # extra arguments of scheduler.step, e.g. {"eta": 0.0} for DDIM
                        amp_dtype: torch.dtype|None = None, # autocast dtype for the network (GPU: torch.bfloat16)
+                       norm: str = "sample", # Eq. 8's gradient norm: "sample" (per sample) or "batch" (DPS's code)
+                       clip_x0: bool = False, # guide on x̂0 clipped to [-1, 1] (as a `clip_sample=True` step uses it)
                        progress: bool = False, # tqdm bar over steps
                       ) -> torch.Tensor: # (n, C, *spatial) samples x_0
     "Sample with DPS guidance towards g(x) = c0 (attribution Eq. 8) and/or a kept region (inpainting)."
@@ -171,6 +191,10 @@ def constrained_sample(eps_fn: Callable, # eps(x_t, t) -> (n, ...) ε-prediction
     if len(shape) < 3 or min(shape) < 1: raise ValueError(f"`shape` must be (n, C, *spatial) with positive sizes, got {shape}")
     rho_t = rho_schedule(rho)
     if g is not None and c0 is None: raise ValueError("`c0` must be given when `g` is")
+    if g is not None:
+        try: c0t = torch.as_tensor(c0, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError): raise ValueError(f"`c0` must be a number or an array of numbers, got {type(c0).__name__}") from None
+        if not torch.isfinite(c0t).all(): raise ValueError(f"`c0` contains NaN or inf values: {c0}")
     if (mask is not None) or (known is not None): check_mask(mask, known, shape)
     if isinstance(generator, list) and len(generator) != shape[0]:
         raise ValueError(f"`generator` list must have one generator per sample ({shape[0]}), got {len(generator)}")
@@ -182,10 +206,13 @@ def constrained_sample(eps_fn: Callable, # eps(x_t, t) -> (n, ...) ε-prediction
     ts = sched.timesteps
     for i, t in enumerate(tqdm(ts, disable=not progress, leave=False)):
         r = rho_t(t) if g is not None else 0.0
-        if r > 0: direction, eps, _ = dps_direction(x, t, eps_fn, g, c0, ab[t], decode, amp_dtype)
+        if r > 0:
+            direction, eps, v = dps_direction(x, t, eps_fn, g, c0, ab[t], decode, amp_dtype, norm, clip_x0)
+            _check_step(v, "feature g(x̂0)", i, t); _check_step(direction, "guidance gradient", i, t)
         else:
             with torch.no_grad(), torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                eps = eps_fn(x, _tvec(t, shape[0], x.device)).float()
+                eps = eps_fn(x, _tvec(t, shape[0], x.device))
+        eps = _check_step(eps, "ε-model output", i, t, shape).float()
         x_prev = sched.step(eps, t, x, generator=generator, **step_kwargs).prev_sample # regular DDPM/DDIM step
         if r > 0: x_prev = x_prev - r*direction # Eq. 8: normalised DPS drift
         if mask is not None:
@@ -195,7 +222,7 @@ def constrained_sample(eps_fn: Callable, # eps(x_t, t) -> (n, ...) ε-prediction
                 k = sched.add_noise(known.expand(shape), z, torch.full((shape[0],), t_prev, dtype=torch.long))
             else: k = known.expand(shape)
             x_prev = mask*k + (1 - mask)*x_prev
-        x = x_prev.detach()
+        x = _check_step(x_prev.detach(), "sample x_t", i, t)
     return x
 
 # %% ../nbs/03_guided_sampling.ipynb #46c00820
@@ -206,8 +233,10 @@ def reject(v, # (n,) or (n, k) measured feature values g(x)
           ) -> np.ndarray: # (n,) bool, True = accepted
     "Accept samples whose feature lies within `tol`·σ_V of the constraint (every component for vector features)."
     v = np.asarray(v, dtype=np.float64); s = np.asarray(sigma_v, dtype=np.float64)
-    if not np.all(s > 0): raise ValueError(f"`sigma_v` must be > 0, got {sigma_v}")
-    if not tol > 0: raise ValueError(f"`tol` must be > 0, got {tol}")
+    if not (np.all(s > 0) and np.isfinite(s).all()): raise ValueError(f"`sigma_v` must be > 0 and finite, got {sigma_v}")
+    if isinstance(tol, (str, bool)) or not isinstance(tol, (int, float, np.number)) or not 0 < tol < math.inf:
+        raise ValueError(f"`tol` must be a finite number > 0, got {tol!r}")
+    if not np.isfinite(v).all(): raise ValueError("`v` contains NaN or inf values: the feature failed on some samples")
     ok = np.abs(v - np.asarray(c0, dtype=np.float64)) <= tol*s
     return ok.reshape(len(v), -1).all(1)
 
@@ -222,14 +251,19 @@ def feature_stats(v_data, # (N,) or (N, k) feature over the (training/test) data
                   targets=None, # (m,) or (m, k) target values to check against the observed range
                  ) -> np.ndarray: # σ_V, scalar or (k,)
     "σ_V of the feature over the data; warns for targets outside the observed range."
-    vd = np.asarray(v_data, dtype=np.float64)
+    try: vd = np.asarray(v_data, dtype=np.float64)
+    except (TypeError, ValueError): raise ValueError(f"`v_data` must be a numeric (N,) or (N, k) array, got {type(v_data).__name__}") from None
     if vd.ndim not in (1, 2) or len(vd) < 2: raise ValueError(f"`v_data` must be (N,) or (N, k) with N ≥ 2, got shape {vd.shape}")
+    if not np.isfinite(vd).all(): raise ValueError("`v_data` contains NaN or inf values")
+    sd = vd.std(0, ddof=1)
+    if np.any(sd <= 1e-12*np.maximum(1.0, np.abs(vd).max(0))):
+        raise ValueError(f"`v_data` is constant (σ_V = {sd}): the rejection tolerance tol·σ_V would be 0; pass the feature over real data")
     if targets is not None:
         tg = np.asarray(targets, dtype=np.float64).reshape(-1, *vd.shape[1:])
         out = np.where(((tg < vd.min(0)) | (tg > vd.max(0))).reshape(len(tg), -1).any(1))[0]
         if len(out): warnings.warn(f"targets {out.tolist()} lie outside the observed feature range "
                                    f"[{vd.min(0)}, {vd.max(0)}]; expect a low acceptance rate")
-    return vd.std(0, ddof=1)
+    return sd
 
 # %% ../nbs/03_guided_sampling.ipynb #81423cfd
 SWEEP_KEYS = ("target", "v", "y", "accepted", "group")
@@ -283,6 +317,7 @@ def constrained_sweep(eps_fn: Callable, # eps(x_t, t) -> (n, ...) ε-prediction
                       amp_dtype: torch.dtype|None = None, # autocast dtype (GPU: torch.bfloat16)
                       step_kwargs: dict|None = None, # extra scheduler.step arguments
                       progress: bool = True, # tqdm over chunks
+                      on_mismatch: str = "refuse", # `out_dir` made by other models/settings: "refuse" (say which) or "recompute"
                      ) -> dict: # this shard's arrays (all targets when world_size=1), see `load_sweep`
     "Constrained samples for many target values, written per target atomically; reruns skip finished targets."
     if not (isinstance(n, (int, np.integer)) and n >= 1): raise ValueError(f"`n` must be an int ≥ 1, got {n!r}")
@@ -292,17 +327,27 @@ def constrained_sweep(eps_fn: Callable, # eps(x_t, t) -> (n, ...) ε-prediction
     if tg.ndim not in (1, 2) or len(tg) == 0 or not np.isfinite(tg).all():
         raise ValueError(f"`targets` must be a finite (m,) or (m, k) array with m ≥ 1, got shape {tg.shape}")
     rho_schedule(rho) # validates ρ
-    sigma_v = feature_stats(v_data, tg if rank == 0 else None)
+    if isinstance(tol, (str, bool)) or not isinstance(tol, (int, float, np.number)) or not 0 < tol < math.inf:
+        raise ValueError(f"`tol` must be a finite number > 0, got {tol!r}")
+    shape = tuple(sample_shape) if isinstance(sample_shape, (tuple, list, torch.Size)) else ()
+    if len(shape) < 2 or not all(isinstance(s, (int, np.integer)) and s >= 1 for s in shape):
+        raise ValueError(f"`sample_shape` must be (C, *spatial) with positive int sizes, got {sample_shape!r}")
+    sigma_v = feature_stats(v_data, tg if rank == 0 else None) # σ_V > 0 is checked before any sampling
     sched = respaced(scheduler, num_steps)
     device = torch.device(device)
     cfg = dict(targets=tg.tolist(), n=int(n), shape=list(sample_shape), rho=rho if not callable(rho) else getattr(rho, "__name__", str(rho)),
                tol=tol, seed=int(seed), tpb=targets_per_batch, steps=[int(t) for t in sched.timesteps],
                scheduler={k: v for k, v in sched.config.items() if not k.startswith("_")}, sigma_v=np.asarray(sigma_v).tolist(), images=keep_images, step_kwargs=step_kwargs)
     h = config_hash(cfg)
+    # the store knows what made it: a rerun with another ε-model, feature, classifier or decoder refuses or recomputes
+    store = open_store(out_dir, dict(settings=h, eps_fn=fingerprint(eps_fn), g=fingerprint(g), classifier=fingerprint(classifier),
+                                     decode=fingerprint(decode), code=fingerprint((constrained_sample, dps_direction, reject))),
+                       on_mismatch, entries="target-*.npz")
+    name = lambda j: target_file(out_dir, j).stem
     chunks = [list(range(i, min(i + targets_per_batch, len(tg)))) for i in range(0, len(tg), targets_per_batch)]
     mine = chunks[rank::world_size]
     for chunk in tqdm(mine, disable=not progress, desc=f"sweep (rank {rank})"):
-        if all(_is_done(target_file(out_dir, j), h) for j in chunk): continue
+        if all(store.load(name(j)) is not None for j in chunk): continue   # damaged or foreign files are recomputed
         seeds = np.concatenate([sample_seeds(seed, j, n) for j in chunk])
         gens = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
         c0 = torch.as_tensor(np.repeat(tg[chunk], n, axis=0), device=device)
@@ -311,15 +356,17 @@ def constrained_sweep(eps_fn: Callable, # eps(x_t, t) -> (n, ...) ε-prediction
         with torch.no_grad():
             img = decode(x) if decode is not None else x
             v = g(img).float().cpu().numpy()
-            y = (classifier(img).float().reshape(len(seeds)).cpu().numpy() if classifier is not None
-                 else np.full(len(seeds), np.nan, np.float32))
+            y = classifier(img) if classifier is not None else None
+            if y is not None and (not torch.is_tensor(y) or y.numel() != len(seeds)):
+                raise ValueError(f"`classifier` must return one decision per sample ({len(seeds)}), got "
+                                 f"{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}")
+            y = y.float().reshape(len(seeds)).cpu().numpy() if y is not None else np.full(len(seeds), np.nan, np.float32)
         acc = reject(v, c0.cpu().numpy(), sigma_v, tol)
         for i, j in enumerate(chunk):
             s = slice(i*n, (i + 1)*n)
             extra = dict(images=img[s].float().cpu().numpy()) if keep_images else {}
-            save_arrays(target_file(out_dir, j), target=np.repeat(tg[j:j+1], n, axis=0), v=v[s], y=y[s], accepted=acc[s],
-                        group=np.full(n, j, np.int64), seed=seeds[s], sweep_seed=np.int64(seed),
-                        config_hash=np.array(h), **extra)
+            store.save(name(j), target=np.repeat(tg[j:j+1], n, axis=0), v=v[s], y=y[s], accepted=acc[s],
+                       group=np.full(n, j, np.int64), seed=seeds[s], sweep_seed=np.int64(seed), **extra)
     return load_sweep(out_dir, [j for c in mine for j in c], images=keep_images)
 
 def accelerate_sweep(*args, cpu: bool|None = None, # force CPU/gloo; default: when no GPU is visible
@@ -375,11 +422,13 @@ def sampling_study(eps_fn: Callable, # eps(x_t, t)
                    classifier: Callable|None = None, # final (decoded) images -> (N,) decisions; None: y is NaN
                    score_fn: Callable|None = None, # dict(target, v, y, accepted, group) -> dict of extra columns
                    measure: Callable|None = None, # feature measured on the final images; default `g`
+                   measures: dict|None = None, # {name: images -> (N,) or (N, k)}: independent measures of the constraint; column err_<name>
+                   quality: Callable|None = None, # images -> (N,) bool, True = a clean sample; column `clean`
                    out_dir=None, # keep each setting's per-sample results here; a rerun loads them
                    n_boot: int = 2000, # bootstrap resamples for the constraint error's interval
                    progress: bool = False, # tqdm over settings
                    **kwargs, # passed to `constrained_sample` (decode, amp_dtype, step_kwargs, ...)
-                  ): # DataFrame: steps, rho (ρ at t=0), rho_max, rho_pieces, err, err_lo, err_hi, accept, seconds, cpu_s, samples_per_s (+ score_fn's)
+                  ): # DataFrame: steps, rho (ρ at t=0), rho_max, rho_pieces, n, sigma_v, err, err_lo, err_hi, accept, seconds, cpu_s, samples_per_s (+ err_<name>, clean, score_fn's)
     "Constraint error (with bootstrap CI), acceptance, time and score of the guided sampler for each number of steps and ρ."
     import pandas as pd
     tg = np.asarray(c0, dtype=np.float32)
@@ -389,14 +438,18 @@ def sampling_study(eps_fn: Callable, # eps(x_t, t)
     grid = _study_grid(steps, rhos)
     m, decode, measure = len(tg), kwargs.get("decode"), measure or g
     N, group, target = m*n, np.repeat(np.arange(m), n), np.repeat(tg, n, axis=0)
+    measures = dict(measures or {})
     base = dict(c0=tg.tolist(), n=int(n), shape=list(sample_shape), seed=int(seed), step_kwargs=kwargs.get("step_kwargs"),
-                scheduler={k: v for k, v in scheduler.config.items() if not k.startswith("_")})
+                scheduler={k: v for k, v in scheduler.config.items() if not k.startswith("_")},
+                guidance=dict(norm=kwargs.get("norm", "sample"), clip_x0=bool(kwargs.get("clip_x0", False))),
+                measures=sorted(measures), quality=quality is not None)
     rows = []
     for k, r in tqdm(grid, desc="sampling study", disable=not progress):
         h = config_hash({**base, "steps": k, "rho": r})
         f = Path(out_dir)/f"steps{k:04d}-rho{_rho_label(r)}.npz" if out_dir is not None else None
         if f is not None and _is_done(f, h):
             z = load_arrays(f); v, y, dt, cpu = z["v"], z["y"], float(z["seconds"]), float(z["cpu_s"])
+            vm, clean = {nm: z[f"m_{nm}"] for nm in measures}, (z["clean"] if quality is not None else None)
         else:
             gens = [torch.Generator().manual_seed(int(s)) for j in range(m) for s in sample_seeds(seed, j, n)]
             t0, c0_ = time.perf_counter(), time.process_time()
@@ -408,13 +461,20 @@ def sampling_study(eps_fn: Callable, # eps(x_t, t)
                 v = measure(img).float().cpu().numpy()
                 y = (classifier(img).float().reshape(N).cpu().numpy() if classifier is not None
                      else np.full(N, np.nan, np.float32))
-            if f is not None: save_arrays(f, v=v, y=y, seconds=np.float64(dt), cpu_s=np.float64(cpu), config_hash=np.array(h))
+                vm = {nm: torch.as_tensor(fn(img)).float().cpu().numpy() for nm, fn in measures.items()}
+                clean = np.asarray(quality(img), bool).reshape(N) if quality is not None else None
+            extra = {f"m_{nm}": a for nm, a in vm.items()} | ({} if clean is None else dict(clean=clean))
+            if f is not None: save_arrays(f, v=v, y=y, seconds=np.float64(dt), cpu_s=np.float64(cpu), config_hash=np.array(h), **extra)
         err = np.abs(v - target).reshape(N, -1).mean(1)
         acc = reject(v, target, sigma_v, tol)
         lo, hi = _boot_mean_ci(err, n_boot, seed=seed)
         rt = rho_schedule(r)
         row = dict(steps=k, rho=rt(0), rho_max=max(rt(int(t)) for t in respaced(scheduler, k).timesteps), rho_pieces=_rho_label(r),
-                   err=float(err.mean()), err_lo=lo, err_hi=hi, accept=float(acc.mean()), seconds=dt, cpu_s=cpu, samples_per_s=N/dt)
+                   n=N, sigma_v=float(np.mean(sigma_v)), err=float(err.mean()), err_lo=lo, err_hi=hi, accept=float(acc.mean()),
+                   seconds=dt, cpu_s=cpu, samples_per_s=N/dt)
+        for nm, a in vm.items(): # a measure undefined on a sample (NaN, e.g. an empty image) is left out here; `clean` counts those
+            row[f"err_{nm}"] = float(np.nanmean(np.abs(a.reshape(N, -1) - target.reshape(N, -1)).mean(1)))
+        if clean is not None: row["clean"] = float(clean.mean())
         if score_fn is not None: row |= score_fn(dict(target=target, v=v, y=y, accepted=acc, group=group))
         rows.append(row)
     return pd.DataFrame(rows)
@@ -424,25 +484,94 @@ def best_rho(study, # DataFrame from `sampling_study`
     "The re-tuned ρ for each number of steps."
     return study.loc[study.groupby("steps")["err"].idxmin()].sort_values("steps", ascending=False).reset_index(drop=True)
 
-def few_step_matches(study, # DataFrame from `sampling_study` with one reference row
-                     ref_steps: int = 1000, # number of steps of the reference sampler
-                    ): # the other rows with err_ok, score_ok, ok flags, by steps then error
-    "Flag the settings whose constraint error and score lie within the reference sampler's bootstrap intervals."
+def convergence_chain(drift: float, # total guidance drift ρ·steps held fixed along the chain
+                      steps=(250, 500, 1000, 2000), # numbers of steps, increasing
+                     ) -> dict: # {steps: [ρ]} for `sampling_study(rhos=...)`
+    "Settings with more and more steps at the same total drift ρ·steps: the candidates for a converged reference."
+    if not drift > 0: raise ValueError(f"`drift` must be > 0, got {drift!r}")
+    return {int(k): [drift/int(k)] for k in steps}
+
+def _chain_rows(study, drift, chain_steps=None):
+    "The rows of `study` with a constant ρ and ρ·steps = `drift` (and steps in `chain_steps`, if given), by steps."
+    c = study[(study["rho_max"] == study["rho"]) & np.isclose(study["rho"]*study["steps"], drift, rtol=1e-6)]
+    if chain_steps is not None: c = c[c["steps"].isin([int(k) for k in chain_steps])]
+    return c.sort_values("steps")
+
+def _half_width(row): return (row["score_hi"] - row["score_lo"])/2
+
+def converged_reference(study, # DataFrame from `sampling_study` holding a `convergence_chain`
+                        drift: float, # the chain's ρ·steps
+                        chain_steps=None, # the chain's numbers of steps; default: every constant-ρ row with ρ·steps = drift
+                        score_tol: float = 0.05, # the score "stops moving": |Δscore| ≤ score_tol between neighbours
+                        err_tol: float = 0.05, # ... and |Δerr| ≤ err_tol·σ_V
+                        max_half_width: float = 0.05, # the reference's score interval must be at most this wide (each side)
+                       ): # (index of the reference row or None, the chain with its moves and verdicts)
+    "The first setting of the chain after which score and constraint error stop moving, if its score interval is narrow."
+    need = {"score", "score_lo", "score_hi", "err", "sigma_v"} - set(study)
+    if need: raise ValueError(f"`study` lacks the columns {sorted(need)}: run `sampling_study` with a `score_fn` and a chain")
+    chain = _chain_rows(study, drift, chain_steps).copy()
+    if len(chain) < 2: raise ValueError(f"`study` holds {len(chain)} settings with ρ·steps = {drift}; a convergence check needs ≥ 2")
+    d_score, d_err = chain["score"].diff().abs(), chain["err"].diff().abs()/chain["sigma_v"]
+    chain["still_moving"] = (d_score > score_tol) | (d_err > err_tol) # vs the previous (fewer-steps) setting; NaN first row
+    chain["narrow"] = chain.apply(_half_width, axis=1) <= max_half_width
+    chain.loc[chain.index[0], "still_moving"] = True
+    stable = chain.index[~chain["still_moving"]]
+    ref = stable[0] if len(stable) else None
+    chain["reference"] = chain.index == ref
+    return (ref if ref is not None and chain.loc[ref, "narrow"] else None), chain
+
+def few_step_matches(study, # DataFrame from `sampling_study`
+                     ref_steps: int = 1000, # number of steps of the reference row
+                     ref_rho=None, # its ρ (float, pieces or label) when several rows have `ref_steps`
+                     score_margin: float = 0.1, # equivalence margin: |score − reference score| must be shown < this
+                     level: float = 0.9, # the difference's interval (two one-sided tests at (1 − level)/2 each)
+                     err_margin: float = 0.1, # constraint error may exceed the reference's by at most this many σ_V
+                     accept_margin: float = 0.05, # acceptance may fall short of the reference's by at most this
+                     clean_margin: float = 0.05, # share of clean samples may fall short by at most this
+                    ): # the cheaper rows with the difference's interval, *_ok flags and ok, by steps then error
+    """Two-sided check of each cheaper setting against the reference: the score must be shown *equal* within
+    `score_margin` (the whole interval of the difference inside ±margin, so a wide interval fails), and the
+    constraint errors (every `err`/`err_<measure>` column), acceptance and clean share must not be worse by more
+    than their margins."""
     ref = study[study["steps"] == ref_steps]
-    if len(ref) != 1: raise ValueError(f"`study` must hold exactly one reference row with steps={ref_steps}, got {len(ref)}")
-    ref, few = ref.iloc[0], study[study["steps"] != ref_steps].copy()
-    few["err_ok"] = few["err"] <= ref["err_hi"]
-    few["score_ok"] = (few["score"].between(ref["score_lo"], ref["score_hi"]) if {"score", "score_lo", "score_hi"} <= set(study)
-                       else True)
-    few["ok"] = few["err_ok"] & few["score_ok"]
+    if ref_rho is not None: ref = ref[ref["rho_pieces"].astype(str) == (ref_rho if isinstance(ref_rho, str) else _rho_label(ref_rho))]
+    if len(ref) != 1: raise ValueError(f"`study` must hold exactly one reference row with steps={ref_steps}"
+                                       f"{'' if ref_rho is None else f' and ρ={ref_rho}'}, got {len(ref)}")
+    need = {"score", "score_lo", "score_hi"} - set(study)
+    if need: raise ValueError(f"`study` lacks the score columns {sorted(need)}: a setting can only be validated on the score")
+    from scipy.stats import norm as _normal
+    ref, few = ref.iloc[0], study[study["steps"] < ref_steps].copy()
+    sv = few["sigma_v"] if "sigma_v" in few else 1.0
+    se = lambda lo, hi: (hi - lo)/(2*1.959964) # standard error from a 95% interval
+    d = few["score"] - ref["score"]
+    h = _normal.ppf(0.5 + level/2)*np.sqrt(se(few["score_lo"], few["score_hi"])**2 + se(ref["score_lo"], ref["score_hi"])**2)
+    few["d_score"], few["d_lo"], few["d_hi"] = d, d - h, d + h
+    few["score_ok"] = (few["d_lo"] > -score_margin) & (few["d_hi"] < score_margin)
+    errs = ["err"] + [c for c in study if c.startswith("err_") and c not in ("err_lo", "err_hi")]
+    few["err_ok"] = np.logical_and.reduce([few[c] <= ref[c] + err_margin*sv for c in errs])
+    few["accept_ok"] = few["accept"] >= ref["accept"] - accept_margin
+    few["clean_ok"] = few["clean"] >= ref["clean"] - clean_margin if "clean" in study else True
+    few["ok"] = few["score_ok"] & few["err_ok"] & few["accept_ok"] & few["clean_ok"]
     return few.sort_values(["steps", "err"]).reset_index(drop=True)
 
-def validated_setting(study, # DataFrame from `sampling_study` with one reference row
-                      ref_steps: int = 1000, # number of steps of the reference sampler
+def validated_setting(study, # DataFrame from `sampling_study`
+                      ref_steps: int = 1000, # number of steps of the reference row
+                      ref_rho=None, # its ρ when several rows have `ref_steps`
+                      **margins, # `few_step_matches`' margins
                      ) -> dict|None: # dict(num_steps, rho) of the cheapest match, None if nothing matches
-    "The fewest-steps setting (lowest error among equals) that matches the reference sampler."
-    ok = few_step_matches(study, ref_steps).query("ok")
+    "The fewest-steps setting (lowest error among equals) that passes `few_step_matches` against the reference."
+    ok = few_step_matches(study, ref_steps, ref_rho, **margins).query("ok")
     return None if ok.empty else dict(num_steps=int(ok["steps"].iloc[0]), rho=parse_rho(ok["rho_pieces"].iloc[0]))
+
+def validated_sampler(study, # DataFrame from `sampling_study` with a `convergence_chain` and cheaper settings
+                      drift: float, # the chain's ρ·steps
+                      convergence: dict|None = None, # `converged_reference` tolerances
+                      **margins, # `few_step_matches`' margins
+                     ) -> dict|None: # the cheapest validated dict(num_steps, rho); None: no converged reference or no match
+    "Reference by convergence, then the cheapest setting equivalent to it."
+    ref, _ = converged_reference(study, drift, **(convergence or {}))
+    if ref is None: return None
+    return validated_setting(study, int(study.loc[ref, "steps"]), study.loc[ref, "rho_pieces"], **margins)
 
 def parse_rho(label: str, # `rho_pieces` of a study row: "0.4" or "0.1@0_0.8@400"
              ): # float, or {first_t: value} pieces for `rho_schedule`
