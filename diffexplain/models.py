@@ -209,6 +209,13 @@ _LOSSES = {"binary": F.binary_cross_entropy_with_logits, "regression": F.mse_los
 
 def _loss(task, out, y): return _LOSSES[task](out.reshape(len(y), -1), y.reshape(len(y), -1).to(out.dtype))
 
+def _check_labels(y, name, task):
+    "Binary targets must be 0/1 (BCE on {-1, 0} or {0, 2} trains a wrong model without a word); no NaN/inf anywhere."
+    y = torch.as_tensor(y)
+    if y.is_floating_point() and not torch.isfinite(y).all(): raise ValueError(f"`{name}` labels contain NaN or inf values")
+    if task == "binary" and ((y != 0) & (y != 1)).any():
+        raise ValueError(f"`{name}` labels must be 0/1 for task='binary', got values {torch.unique(y)[:6].tolist()}")
+
 @torch.no_grad()
 def predict(model: nn.Module, # any model of this chapter
             data, # (x, y) pair or Dataset of pairs, or a tensor/array of inputs only
@@ -232,6 +239,7 @@ def evaluate(model: nn.Module, # a classifier (logits) or regressor
     ds = _as_dataset(data, "data")
     out = predict(model, ds, batch_size, device)
     y = torch.stack([ds[i][1] for i in range(len(ds))]).float().reshape(len(out), -1)
+    _check_labels(y, "data", task)
     res = {"loss": float(_loss(task, out, y))}
     if task == "binary":
         yp = (out > 0).long()
@@ -263,6 +271,8 @@ def train_model(model: nn.Module, # network to train (modified in place and retu
     if batch_size < 1 or max_epochs < 1 or patience < 1:
         raise ValueError(f"`batch_size`, `max_epochs` and `patience` must be >= 1, got {batch_size}, {max_epochs}, {patience}")
     tr, va = _as_dataset(train_data, "train_data"), _as_dataset(val_data, "val_data")
+    for ds, nm in ((tr, "train_data"), (va, "val_data")):
+        if isinstance(ds, TensorDataset): _check_labels(ds.tensors[1], nm, task)   # other Datasets: checked batch by batch
     g = seed_everything(seed); dev = get_device(device)
     if sample_weights is not None:
         w = torch.as_tensor(_np(sample_weights), dtype=torch.double)
@@ -278,6 +288,7 @@ def train_model(model: nn.Module, # network to train (modified in place and retu
         model.train(); tot, n = 0., 0
         for x, y in dl:
             x, y = x.to(dev), y.to(dev)
+            if epoch == 0: _check_labels(y, "train_data", task)
             if augment is not None: x = augment(x, g)
             loss = _loss(task, model(x), y)
             obj = loss + l2 * l2_penalty(model) if l2 else loss
@@ -316,13 +327,19 @@ def load_checkpoint(model: nn.Module, # freshly built model with the checkpoint'
     path = Path(path)
     if not (path/"config.json").exists() or not (path/"model.safetensors").exists():
         raise FileNotFoundError(f"No complete checkpoint at {path} (expected model.safetensors and config.json)")
-    stored = json.loads((path/"config.json").read_text())
+    try: stored = json.loads((path/"config.json").read_text())
+    except ValueError: raise ValueError(f"Checkpoint {path}: config.json is truncated or not JSON; delete {path} to retrain") from None
     if config is not None and stored != _json_norm(config):
         diff = sorted(k for k in set(stored) | set(_json_norm(config)) if stored.get(k) != _json_norm(config).get(k))
         raise ValueError(f"Checkpoint {path} was made with a different config (keys differ: {diff}); "
                          "delete it or use another cache_dir")
-    model.load_state_dict(load_file(str(path/"model.safetensors")), strict=True)
-    meta = json.loads((path/"meta.json").read_text()) if (path/"meta.json").exists() else {}
+    try: sd = load_file(str(path/"model.safetensors"))
+    except Exception as e:                       # safetensors raises its own SafetensorError for a truncated file
+        raise ValueError(f"Checkpoint {path/'model.safetensors'} is truncated or corrupt ({type(e).__name__}: {str(e)[:80]}); "
+                         f"delete {path} to retrain") from None
+    model.load_state_dict(sd, strict=True)
+    try: meta = json.loads((path/"meta.json").read_text()) if (path/"meta.json").exists() else {}
+    except ValueError: raise ValueError(f"Checkpoint {path}: meta.json is truncated or not JSON; delete {path} to retrain") from None
     return model.eval(), meta
 
 def load_or_train(name: str, # artefact name, e.g. "ellipse-classifier"
