@@ -16,18 +16,19 @@ from .data import fingerprint, open_store
 from .data import get_device, make_squares, split_indices, square_eval_grid, code_version
 from .models import EllipseCNN, square_resnet18, Rescaled, train_model, load_or_train, evaluate
 from .diffusion import load_or_train_ddpm, eps_fn, ddim_encode, ddim_decode, linear_schedule
-from .metrics import square_mae, background_mae
+from .metrics import square_mae, background_mae, background_l1
 from .data import make_ellipses, moment_log_ar, moment_area, CelebA
 from .models import ellipse_models, celeba_classifier, ELLIPSE_PROFILES
 from .diffusion import ellipse_ddpm, ellipse_check
 
 # %% auto #0
-__all__ = ['DIFFAE_DISTANCES', 'ELLIPSE_CE_PROFILES', 'CELEBA_CE_PROFILES', 'SQUARE_CF_PROFILES', 'to_f_range',
+__all__ = ['DIFFAE_DISTANCES', 'ELLIPSE_CE_PROFILES', 'CELEBA_CE_PROFILES', 'SQUARE_CF_PROFILES', 'SQUARE_METRICS', 'to_f_range',
            'check_differentiable', 'check_reference', 'respaced_scheduler', 'last_timesteps', 'ddpm_step',
            'posterior_variance', 'diffusion_filter', 'change_mask', 'sample_streams', 'repaint_refine', 'acre',
            'diffae_re', 'diffusion_ce', 'flip_rate', 'reference_sweep', 'plot_reference_sweep', 'run_batched',
            'ce_summary', 'plot_ce_pairs', 'ellipse_ce_metrics', 'ellipse_ce', 'celeba_ce', 'downsample_squares',
-           'square_setup', 'DiffAECodec', 'square_eval_set', 'square_counterfactual_eval', 'tint_sensitivity']
+           'square_setup', 'DiffAECodec', 'mean_ci', 'square_eval_set', 'square_counterfactual_eval',
+           'tint_sensitivity']
 
 # %% ../nbs/05_counterfactuals.ipynb #8b08bc4e
 def to_f_range(x,               # images in [-1, 1]
@@ -689,7 +690,7 @@ SQUARE_CF_PROFILES = {
                   respacing=5, steps=5, step_size=32/255, max_iter=2, dilation=1, mask_threshold=0.15, threshold=0.05,
                   ae_lr=0.002, ae_max_steps=2, ae_lam=1e-5, ae_decode_steps=5, ae_encode_steps=5),
     "quick": dict(size=32, n_train=2000, regressor="cnn", reg_lr=2e-3, reg_epochs=6, reg_patience=2, reg_batch=32,
-                  unet="quick", schedule="guided-diffusion", T=100, ddpm_steps=2000, ddpm_batch=32, ddpm_lr=2e-3, n_eval=16, batch_size=16,
+                  unet="quick", schedule="guided-diffusion", T=100, ddpm_steps=2000, ddpm_batch=32, ddpm_lr=2e-3, n_eval=128, batch_size=16,
                   respacing=5, steps=5, step_size=10/255, max_iter=16, dilation=3, mask_threshold=0.15, threshold=0.05,
                   ae_lr=0.002, ae_max_steps=200, ae_lam=1e-5, ae_decode_steps=10, ae_encode_steps=20),
     "paper": dict(size=64, n_train=16_000, regressor="resnet18", reg_lr=1e-5, reg_epochs=200, reg_patience=10, reg_batch=32,
@@ -767,12 +768,26 @@ class DiffAECodec:
     def encode_stochastic(self, x, z_sem, steps): return ddim_encode(eps_fn(self.model, z_sem), x, self.scheduler, steps)
     def decode(self, x_T, z_sem, steps): return ddim_decode(eps_fn(self.model, z_sem), x_T, self.scheduler, steps)
 
+SQUARE_METRICS = ("square MAE", "background MAE", "background L1", "|f - r|", "success rate")
+
+def mean_ci(v,                # (n,) per-image values
+            n_boot: int = 2000, # bootstrap resamples of the images
+            level: float = 0.95, # coverage of the percentile interval
+            seed: int = 0,    # resampling seed
+           ) -> tuple:        # (lo, hi) percentile bootstrap interval of the mean
+    "Percentile bootstrap interval of the mean of per-image values."
+    v = np.asarray(v, dtype=np.float64).reshape(-1)
+    if len(v) == 0 or not np.isfinite(v).all(): raise ValueError("`v` must be a non-empty array of finite values")
+    if not 0 < level < 1: raise ValueError(f"`level` must be in (0, 1), got {level}")
+    means = v[np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))].mean(1)
+    return tuple(float(q) for q in np.quantile(means, [(1 - level) / 2, (1 + level) / 2]))
+
 def _square_metrics(x01, x_cf01, mask, r, y, threshold):
-    "Table-1 metrics of counterfactuals `x_cf01` (images in [0, 1]) with predictions `y` for references `r`."
-    m = torch.as_tensor(mask)
-    return {"square MAE": square_mae(x_cf01, m, r), "background MAE": background_mae(x01, x_cf01, m),
-            "|f - r|": float(np.abs(np.asarray(y) - np.asarray(r)).mean()),
-            "success rate": float((np.abs(np.asarray(y) - np.asarray(r)) <= threshold).mean())}
+    "Table-1 metrics of counterfactuals `x_cf01` (images in [0, 1]) with predictions `y` for references `r`: (means, per-image arrays)."
+    m = torch.as_tensor(mask); d = np.abs(np.asarray(y, dtype=np.float64) - np.asarray(r, dtype=np.float64))
+    per = {"square MAE": square_mae(x_cf01, m, r, per_image=True), "background MAE": background_mae(x01, x_cf01, m, per_image=True),
+           "background L1": background_l1(x01, x_cf01, m, per_image=True), "|f - r|": d, "success rate": (d <= threshold).astype(np.float64)}
+    return {k: float(np.mean(v)) for k, v in per.items()}, per
 
 def square_eval_set(size: int = 64,   # working resolution
                     n: int|None = None, # number of grid images (None: all 630), a seeded subset balanced dark/bright
@@ -801,32 +816,38 @@ def square_counterfactual_eval(setup: dict,          # output of `square_setup`
                                control: bool = True, # also run with the guidance off (PGD step 0 / no regression loss)
                                store_dir=None,       # resumable per-batch store (one sub-folder per run)
                                progress: bool = True,
-                               **overrides,          # AC-RE / Diff-AE-RE hyperparameters replacing the profile's
-                              ) -> dict: # table {row: metrics}, images (x, x_pre, x_cf, mask in [0, 1]), raw outputs, seconds
-    "Explain the square grid with AC-RE (and Diff-AE-RE): square MAE, background MAE, |f - r| and success rate per row."
+                               n_boot: int = 2000,   # bootstrap resamples for the 95 % intervals
+                               **overrides,          # AC-RE / Diff-AE-RE hyperparameters replacing the profile's (e.g. filter_noise="fixed")
+                              ) -> dict: # table {row: metrics}, ci {row: {metric: (lo, hi)}}, per_image, raw outputs, seconds, x01, mask
+    "Explain the square grid with AC-RE (and Diff-AE-RE): square MAE, background MAE (+ L1 diagnostic), |f - r| and success, with bootstrap intervals."
     P = {**setup["hp"], **overrides}; dev = torch.device(setup["device"])
     grid = square_eval_set(P["size"], P["n_eval"] if n_eval == -1 else n_eval, setup["seed"], indices)
     x01 = torch.from_numpy(grid["images"]).float(); x = (x01 * 2 - 1).to(dev)
     r = torch.from_numpy(np.asarray(grid["reference"])).float().to(dev)
-    thr = P["threshold"]; table, raw, secs = {}, {}, {}
+    thr = P["threshold"]; table, ci, per_image, raw, secs = {}, {}, {}, {}, {}
     unknown = set(methods) - {"AC-RE", "Diff-AE-RE"}
     if unknown: raise ValueError(f"`methods` must be among ['AC-RE', 'Diff-AE-RE'], got {sorted(unknown)}")
     to01 = lambda a: torch.from_numpy(np.asarray(a)).float().add(1).div(2).clamp(0, 1)
     sub = lambda name: None if store_dir is None else Path(store_dir)/name
+    def row(name, x_cf, y):
+        table[name], per_image[name] = _square_metrics(x01, to01(x_cf), grid["mask"], r.cpu(), y, thr)
+        ci[name] = {k: mean_ci(v, n_boot, seed=setup["seed"]) for k, v in per_image[name].items()}
     if "AC-RE" in methods:
         kw = dict(f=setup["f"], eps=setup["eps"], scheduler=setup["scheduler"], respacing=P["respacing"], steps=P["steps"],
                   step_size=P["step_size"], threshold=thr, dilation=P["dilation"], train_range=setup["train_range"],
-                  mask_threshold=P["mask_threshold"])
+                  mask_threshold=P["mask_threshold"], filter_noise=P.get("filter_noise", "fresh"))
         runs = [("", dict(max_iter=P["max_iter"]))]
-        # guidance off: x' never moves, so every iteration filters x with the same noise; max_iter=0 gives the same result
+        # guidance off: x_adv never moves, so the change mask is empty and the counterfactual is x itself
         if control: runs.append((" (guidance 0)", dict(max_iter=0, guidance=0.)))
         for tag, extra in runs:
             t0 = time.time()
             out = run_batched(acre, dict(x=x, r=r), batch_size=P["batch_size"], seed=setup["seed"],
                               store_dir=sub(f"acre{tag.replace(' ', '_')}"), progress=progress, **kw, **extra)
             secs[f"AC-RE{tag}"] = time.time() - t0
-            table[f"AC-RE pre-explanation{tag}"] = _square_metrics(x01, to01(out["x_pre"]), grid["mask"], r.cpu(), out["y_pre"], thr)
-            table[f"AC-RE{tag}"] = _square_metrics(x01, to01(out["x_cf"]), grid["mask"], r.cpu(), out["y_cf"], thr)
+            row(f"AC-RE pre-explanation x_adv{tag}", out["x_pre"], out["y_pre"])
+            row(f"AC-RE filtered F(x_adv){tag}", out["x_filtered"], out["y_filtered"])
+            row(f"AC-RE{tag}", out["x_cf"], out["y_cf"])
+            table[f"AC-RE{tag}"]["mask coverage"] = float(np.mean(out["mask"]))
             raw[f"AC-RE{tag}"] = out
     if "Diff-AE-RE" in methods:
         if setup.get("ae") is None: raise ValueError("`setup` has no diffusion autoencoder under 'ae' (needed for Diff-AE-RE)")
@@ -839,10 +860,11 @@ def square_counterfactual_eval(setup: dict,          # output of `square_setup`
             out = run_batched(diffae_re, dict(x=x, r=r), batch_size=P["batch_size"], seed=setup["seed"],
                               store_dir=sub(f"diffae{tag.replace(' ', '_')}"), progress=progress, **{**kw, **extra})
             secs[f"Diff-AE-RE{tag}"] = time.time() - t0
-            table[f"Diff-AE-RE{tag}"] = _square_metrics(x01, to01(out["x_cf"]), grid["mask"], r.cpu(), out["y_cf"], thr)
+            row(f"Diff-AE-RE{tag}", out["x_cf"], out["y_cf"])
             raw[f"Diff-AE-RE{tag}"] = out
-    return dict(table=table, raw=raw, seconds=secs, x01=x01, mask=grid["mask"], reference=r.cpu().numpy(),
-                target=np.asarray(grid["target"]), n=len(x01), hp=P)
+    return dict(table=table, ci=ci, per_image=per_image, raw=raw, seconds=secs, x01=x01, mask=grid["mask"],
+                reference=r.cpu().numpy(), target=np.asarray(grid["target"]), n=len(x01), hp=P)
+
 
 # %% ../nbs/05_counterfactuals.ipynb #b8d2f1e3
 def tint_sensitivity(f,                  # regressor on images in [0, 1] (returns (n,) or (n, 1))

@@ -126,8 +126,8 @@ def test_acre_reaches_reference_only_with_guidance(toy):
     kw = dict(max_iter=100, dilation=1, progress=False)
     on = acre(x, toy["f"], toy["eps"], toy["sched"], r, generator=g(), **kw)
     off = acre(x, toy["f"], toy["eps"], toy["sched"], r, guidance=0., generator=g(), **kw)
-    err_on, err_off = (on["y_pre"] - r).abs(), (off["y_pre"] - r).abs()
-    assert (err_on <= 0.05 + 1e-6).all(), err_on                # every pre-explanation reached r (early stop)
+    err_on, err_off = (on["y_filtered"] - r).abs(), (off["y_filtered"] - r).abs()
+    assert (err_on <= 0.05 + 1e-6).all(), err_on                # every filtered pre-explanation F(x_adv) reached r (early stop)
     assert err_off.mean() > 0.2                                 # ... and not without the attack
     assert (on["n_iter"] < 100).all() and (off["n_iter"][err_off > 0.05] == 100).all()
     assert (on["y_cf"] - r).abs().mean() < 0.5 * err_off.mean()  # still close after refinement
@@ -146,7 +146,7 @@ def test_acre_untrained_unet_guidance_moves_prediction():
     kw = dict(respacing=50, steps=2, max_iter=30, progress=False, refine=False)
     on = acre(x, f, unet_eps(unet), s, r, generator=g(), **kw)
     off = acre(x, f, unet_eps(unet), s, r, guidance=0., generator=g(), **kw)
-    assert ((on["y_pre"] - r).abs() <= 0.05 + 1e-6).all() and ((off["y_pre"] - r).abs() > 0.08).all()
+    assert ((on["y_filtered"] - r).abs() <= 0.05 + 1e-6).all() and ((off["y_filtered"] - r).abs() > 0.08).all()
 
 
 def test_acre_seeded(toy):
@@ -367,7 +367,7 @@ def test_square_acre_guidance_moves_prediction_and_keeps_background(square_smoke
     setup = {**square_smoke, "f": oracle}
     ev = square_counterfactual_eval(setup, indices=idx, progress=False, batch_size=n, max_iter=8, step_size=16 / 255)
     t = ev["table"]
-    on, off = t["AC-RE pre-explanation"], t["AC-RE pre-explanation (guidance 0)"]
+    on, off = t["AC-RE filtered F(x_adv)"], t["AC-RE filtered F(x_adv) (guidance 0)"]
     assert off["|f - r|"] > 0.3                                   # the filter alone does not change the colour
     assert on["|f - r|"] < off["|f - r|"] - 0.2, t                # the guidance moves f towards r
     assert on["square MAE"] < off["square MAE"] - 0.2, t
@@ -376,7 +376,10 @@ def test_square_acre_guidance_moves_prediction_and_keeps_background(square_smoke
     res, x = ev["raw"]["AC-RE"], ev["x01"].numpy() * 2 - 1
     assert np.abs((res["x_cf"] - x) * (1 - res["mask"])).max() < 1e-5
     assert (res["mask"] * m.numpy()).sum() / (m.numpy().sum() * n) > 0.9
-    assert t["AC-RE"]["background MAE"] <= res["mask"].sum() / ((1 - m.numpy()).sum() * n) + 1e-6   # |change| <= 1 in the mask
+    assert t["AC-RE"]["background L1"] <= res["mask"].sum() / ((1 - m.numpy()).sum() * n) + 1e-6   # |change| <= 1 in the mask
+    # no attack, no change: the authors' mask |x - x_adv| is empty and the counterfactual is the original, bit for bit
+    assert (ev["raw"]["AC-RE (guidance 0)"]["mask"] == 0).all() and np.array_equal(ev["raw"]["AC-RE (guidance 0)"]["x_cf"], x.astype(np.float32))
+    assert t["AC-RE (guidance 0)"]["background MAE"] < 1e-6 and t["AC-RE (guidance 0)"]["background L1"] < 1e-6   # [-1,1] -> [0,1] round-off
     assert (ev["raw"]["AC-RE"]["n_iter"] > 0).all() and (ev["raw"]["AC-RE (guidance 0)"]["n_iter"] == 0).all()
 
 
