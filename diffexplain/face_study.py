@@ -12,11 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from .data import (CELEBA_ATTRS, CelebAHQ, AgeTable, config_hash, get_device, seed_everything, split_indices,
-                              atomic_write, check_tensor, cache_path)
+                              atomic_write, check_tensor, cache_path, code_version)
 from .models import (EllipseCNN, resnet10t, densenet121_regressor, age_oracle, train_model, load_or_train,
                                 evaluate, predict)
 from .diffusion import (load_or_train_ddpm, eps_fn, DiffAE, make_scheduler, train_diffusion, data_fingerprint,
-                                   to_model_range, from_model_range)
+                                   to_model_range, from_model_range, linear_schedule)
 from .guided_sampling import constrained_sample
 from .counterfactuals import acre, diffae_re, run_batched, DiffAECodec, reference_sweep, to_f_range
 from .metrics import (fid_images, oracle_mae, face_similarity, FaceEmbedding, load_vggface2_resnet50,
@@ -63,26 +63,28 @@ def require_face_files(data_dir="data", what: str = "the CelebA-HQ age study"):
 # %% ../nbs/10_face_study.ipynb #e1447560
 FACE_PROFILES = {
     # data: "stand-in" (synthetic, written by `write_face_standin`) or "real"; size: working resolution; n_age/n_hq: caps
-    # on the training images; T: diffusion chain length (the paper's CelebA-HQ DDPM has 500 steps); respacing/steps,
+    # on the training images; schedule: the AC-RE DDPM's (`linear_schedule`: ACE's 500-step CelebA-HQ DDPM, guided-diffusion's
+    # linear beta scaled to 2e-4 -> 0.04; smoke trains its first 100 steps); ae_schedule: the Diff-AE's (Diff-AE: the whole
+    # 1000-step chain, beta 1e-4 -> 0.02, so x_T is pure noise); respacing/steps,
     # step_size, max_iter, dilation: AC-RE (paper: 25, 5, 1/255, 200, 15 at 256 px); ae_*: Diff-AE-RE
     "smoke": dict(data="stand-in", n_standin=256, size=16, regressor="cnn", n_age=None, n_hq=None, reg_lr=3e-3,
                   reg_epochs=12, oracle_epochs=12, attr_epochs=6, patience=4, batch=32,
-                  unet="tiny", T=100, ddpm_steps=20, ddpm_batch=16, ddpm_lr=3e-3,
-                  ae_unet="tiny", ae_enc=(8, 16), ae_steps=20, ae_batch=16, ae_train_lr=3e-3,
+                  unet="tiny", schedule=dict(name="guided-diffusion", chain=500, T=100), ddpm_steps=20, ddpm_batch=16, ddpm_lr=3e-3,
+                  ae_unet="tiny", ae_schedule=dict(name="guided-diffusion", chain=1000, T=100), ae_enc=(8, 16), ae_steps=20, ae_batch=16, ae_train_lr=3e-3,
                   n_eval=4, batch_size=4, respacing=5, steps=2, step_size=16/255, max_iter=3, dilation=3,
                   ae_lr=2e-3, ae_max_steps=3, ae_decode_steps=4, ae_encode_steps=4, ae_lam=1e-5, threshold=0.05,
                   glasses_steps=10, glasses_rho=0.5, fs_size=32),
     "quick": dict(data="real", size=64, regressor="densenet121", n_age=20_000, n_hq=10_000, reg_lr=1e-3,
                   reg_epochs=3, oracle_epochs=3, attr_epochs=3, patience=2, batch=64,
-                  unet="quick", T=500, ddpm_steps=20_000, ddpm_batch=32, ddpm_lr=2e-4,
-                  ae_unet="small", ae_enc=(32, 64, 128), ae_steps=20_000, ae_batch=32, ae_train_lr=1e-4,
+                  unet="quick", schedule=dict(name="guided-diffusion", chain=500), ddpm_steps=20_000, ddpm_batch=32, ddpm_lr=2e-4,
+                  ae_unet="small", ae_schedule=dict(name="guided-diffusion", chain=1000), ae_enc=(32, 64, 128), ae_steps=20_000, ae_batch=32, ae_train_lr=1e-4,
                   n_eval=64, batch_size=16, respacing=25, steps=5, step_size=1/255, max_iter=200, dilation=5,
                   ae_lr=2e-3, ae_max_steps=200, ae_decode_steps=10, ae_encode_steps=20, ae_lam=1e-5, threshold=0.05,
                   glasses_steps=50, glasses_rho=0.2, fs_size=224),
     "paper": dict(data="real", size=256, regressor="densenet121", n_age=None, n_hq=None, reg_lr=1e-4,
                   reg_epochs=20, oracle_epochs=20, attr_epochs=20, patience=3, batch=64,
-                  unet="celeba", T=500, ddpm_steps=300_000, ddpm_batch=32, ddpm_lr=1e-4,
-                  ae_unet="celeba", ae_enc=(64, 128, 256, 512), ae_steps=300_000, ae_batch=32, ae_train_lr=1e-4,
+                  unet="celeba", schedule=dict(name="guided-diffusion", chain=500), ddpm_steps=300_000, ddpm_batch=32, ddpm_lr=1e-4,
+                  ae_unet="celeba", ae_schedule=dict(name="guided-diffusion", chain=1000), ae_enc=(64, 128, 256, 512), ae_steps=300_000, ae_batch=32, ae_train_lr=1e-4,
                   n_eval=None, batch_size=16, respacing=25, steps=5, step_size=1/255, max_iter=200, dilation=15,
                   ae_lr=2e-3, ae_max_steps=200, ae_decode_steps=10, ae_encode_steps=20, ae_lam=1e-5, threshold=0.05,
                   glasses_steps=100, glasses_rho=0.2, fs_size=224),
@@ -181,9 +183,11 @@ def _build(kind, size, n_out, seed, weights=None, finetune=False):
 def _diffae(images, P, name, cache_dir, seed, device, progress):
     "Train or load a `DiffAE` on `images` in [0, 1] (safetensors + train.json in the cache)."
     from safetensors.torch import save_file, load_file
-    arch = dict(profile=P["ae_unet"], in_channels=3, sample_size=P["size"], z_dim=512, enc_channels=tuple(P["ae_enc"]))
-    sched = make_scheduler(P["T"], 0.0015, 0.0015 + 0.019*(P["T"] - 1)/999)
-    cfg = dict(arch=arch, seed=seed, data=data_fingerprint(images), T=P["T"], steps=P["ae_steps"], batch=P["ae_batch"], lr=P["ae_train_lr"])
+    sk = linear_schedule(**P["ae_schedule"]) # Diff-AE's own chain (the whole 1000 steps), also used for its v -> eps conversion
+    arch = dict(profile=P["ae_unet"], in_channels=3, sample_size=P["size"], z_dim=512, enc_channels=tuple(P["ae_enc"]), schedule=sk)
+    sched = make_scheduler(**sk)
+    cfg = dict(arch=arch, seed=seed, data=data_fingerprint(images), steps=P["ae_steps"], batch=P["ae_batch"], lr=P["ae_train_lr"],
+               code=code_version(DiffAE, train_diffusion))
     root = cache_path(name, cfg, cache_dir); final = root/f"ema-step{P['ae_steps']}"
     if (final/"model.safetensors").exists():
         model = DiffAE(**arch); model.load_state_dict(load_file(str(final/"model.safetensors")))
@@ -268,7 +272,7 @@ def face_setup(profile: str = "quick", # smoke | quick | paper (see `FACE_PROFIL
                hq=hq, split=sp)
     if diffusion:
         x_hq = xh["train"][0]
-        T = P["T"]; sk = dict(num_train_timesteps=T, beta_start=0.0015, beta_end=0.0015 + 0.019*(T - 1)/999)
+        sk = linear_schedule(**P["schedule"]) # ACE's 500-step DDPM schedule (smoke: its first 100 steps)
         unet, sched, info = load_or_train_ddpm(x_hq, profile=P["unet"], name="celebahq-ddpm", steps=P["ddpm_steps"],
                                                cache_dir=cache_dir, seed=seed, scheduler_kwargs=sk, batch_size=P["ddpm_batch"],
                                                lr=P["ddpm_lr"], device=device, progress=progress, with_info=True)
