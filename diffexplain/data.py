@@ -14,11 +14,12 @@ from torch.utils.data import Dataset, TensorDataset
 __all__ = ['SQUARE_SIZE', 'SQUARE_BORDER', 'SQUARE_IMG', 'SQUARE_POSITIONS', 'CELEBA_SPLITS', 'CELEBA_ATTRS', 'TINY_CELEBA_LINKS',
            'HIPPO_LABELS', 'seed_everything', 'get_device', 'config_hash', 'default_cache_dir', 'cache_path',
            'code_version', 'CorruptFileError', 'clean_stale_tmp', 'atomic_write', 'save_arrays', 'load_arrays',
-           'fingerprint', 'load_entry', 'save_entry', 'Store', 'open_store', 'check_tensor', 'render_ellipses',
-           'sample_ellipse_params', 'make_ellipses', 'split_indices', 'tensor_dataset', 'moment_area', 'moment_log_ar',
-           'render_squares', 'make_squares', 'reference_value', 'square_eval_grid', 'read_attr_file', 'load_face_image',
-           'CelebA', 'CelebAHQ', 'AgeTable', 'write_tiny_celeba', 'extract_hippocampus_rois', 'read_subject_table',
-           'load_brain_rois', 'subject_split', 'class_weights', 'BrainROIDataset', 'make_brain_phantoms']
+           'fingerprint', 'load_entry', 'save_entry', 'Store', 'open_store', 'check_tensor', 'check_int',
+           'check_number', 'check_seed', 'check_choice', 'render_ellipses', 'sample_ellipse_params', 'make_ellipses',
+           'split_indices', 'tensor_dataset', 'moment_area', 'moment_log_ar', 'render_squares', 'make_squares',
+           'reference_value', 'square_eval_grid', 'read_attr_file', 'load_face_image', 'CelebA', 'CelebAHQ', 'AgeTable',
+           'write_tiny_celeba', 'extract_hippocampus_rois', 'read_subject_table', 'load_brain_rois', 'subject_split',
+           'class_weights', 'BrainROIDataset', 'make_brain_phantoms']
 
 # %% ../nbs/00_data.ipynb #4a7dfee5
 def seed_everything(seed: int # seed for Python, NumPy and torch (CPU and CUDA)
@@ -33,7 +34,8 @@ def get_device(device: str = "auto" # "auto" (CUDA if available, else CPU), "cpu
               ) -> torch.device:
     "Resolve a device name; `auto` prefers CUDA."
     if device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
+    try: d = torch.device(device)
+    except (RuntimeError, TypeError): raise ValueError(f"`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
     if d.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"`device`={device!r} asked for CUDA, but torch sees no GPU; use 'cpu' or 'auto'")
     return d
@@ -53,6 +55,7 @@ def cache_path(name: str, # what is cached, e.g. "ellipse-classifier"
                cache_dir: str|Path|None = None, # defaults to `default_cache_dir()`
               ) -> Path: # `cache_dir/name-<hash>` (not created)
     "Where an artefact made from `config` lives in the cache."
+    if not isinstance(name, str) or not name or "/" in name: raise ValueError(f"`name` must be a non-empty file name, got {name!r}")
     return Path(cache_dir if cache_dir is not None else default_cache_dir())/f"{name}-{config_hash(config)}"
 
 # %% ../nbs/00_data.ipynb #cv0a1b2d
@@ -82,6 +85,8 @@ def clean_stale_tmp(folder: str|Path, # folder to tidy
                     min_age_s: float = 3600.0, # only leftovers at least this old (a live writer's file is younger)
                    ) -> list: # the removed paths
     "Remove the `.<name>.*.tmp` leftovers of `atomic_write`s that were killed before they finished."
+    if isinstance(min_age_s, bool) or not isinstance(min_age_s, (int, float)) or not 0 <= min_age_s < math.inf:
+        raise ValueError(f"`min_age_s` must be a finite number >= 0, got {min_age_s!r}")
     folder, now, out = Path(folder), time.time(), []
     if not folder.is_dir(): return out
     for f in folder.glob(".*.tmp"):
@@ -237,15 +242,29 @@ def open_store(folder: str|Path, # the store's folder (created)
     return Store(folder, config_hash(fps), fps)
 
 # %% ../nbs/00_data.ipynb #94cda30c
+def _as_tensor(x, name):
+    "`x` as a tensor, or a TypeError naming `name` (strings, None, ragged or object arrays are not numbers)."
+    if torch.is_tensor(x): return x
+    if x is None or isinstance(x, (str, bytes, dict, set)):
+        raise TypeError(f"`{name}` must be an array or tensor of numbers, got {type(x).__name__}")
+    try:
+        a = np.asarray(x)
+        if a.dtype.kind not in "biufc": raise TypeError
+        return torch.as_tensor(a)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"`{name}` must be an array or tensor of numbers, got {type(x).__name__}"
+                        + (f" of dtype {np.asarray(x, dtype=object).dtype}" if not isinstance(x, (str, bytes)) else "")) from None
+
 def check_tensor(x, # array or tensor to check
                  name: str, # argument name, used in the error message
                  ndim: int|tuple|None = None, # allowed number(s) of dimensions
                  shape: tuple|None = None, # expected shape; None entries match anything
                  finite: bool = True, # reject NaN/inf
                  value_range: tuple|None = None, # (lo, hi) inclusive bounds on the values
+                 empty: bool = False, # allow a batch of 0 samples (first dimension 0)
                 ):
-    "Raise a `ValueError` naming `name` when `x` has the wrong rank/shape, non-finite values or values out of range."
-    t = torch.as_tensor(x) if not torch.is_tensor(x) else x
+    "Raise a `ValueError` naming `name` when `x` has the wrong rank/shape, non-finite values or values out of range (a `TypeError` when it is not numeric)."
+    t = _as_tensor(x, name)
     if ndim is not None:
         nd = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if t.ndim not in nd: raise ValueError(f"`{name}` must have {' or '.join(map(str, nd))} dimensions, got shape {tuple(t.shape)}")
@@ -253,12 +272,51 @@ def check_tensor(x, # array or tensor to check
         if len(shape) != t.ndim or any(s is not None and s != d for s, d in zip(shape, t.shape)):
             want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
             raise ValueError(f"`{name}` must have shape {want}, got {tuple(t.shape)}")
+    if not empty and t.ndim >= 1 and t.shape[0] == 0: raise ValueError(f"`{name}` is empty (shape {tuple(t.shape)}): need at least one sample")
     if t.is_floating_point() or t.is_complex():
         if finite and not torch.isfinite(t).all(): raise ValueError(f"`{name}` contains NaN or inf values")
     if value_range is not None and t.numel():
         lo, hi = value_range; mn, mx = t.min().item(), t.max().item()
         if mn < lo or mx > hi: raise ValueError(f"`{name}` must lie in [{lo}, {hi}], got values in [{mn:.4g}, {mx:.4g}]")
     return x
+
+def check_int(v, # the value
+              name: str, # argument name for the message
+              lo: int|None = None, # smallest allowed value
+              hi: int|None = None, # largest allowed value
+             ) -> int:
+    "`v` as an int, or a TypeError/ValueError naming `name` (bools, floats and strings are refused)."
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)): raise TypeError(f"`{name}` must be an int, got {type(v).__name__} {v!r}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise ValueError(f"`{name}` must be an int in [{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}], got {v}")
+    return int(v)
+
+def check_number(v, # the value
+                 name: str, # argument name for the message
+                 lo: float|None = None, # lower bound
+                 hi: float|None = None, # upper bound
+                 lo_open: bool = False, # exclude `lo` itself
+                 hi_open: bool = False, # exclude `hi` itself
+                ) -> float:
+    "`v` as a finite float within the bounds, or a TypeError/ValueError naming `name`."
+    if torch.is_tensor(v) and v.numel() == 1: v = v.item()
+    if isinstance(v, (bool, str, bytes)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(f"`{name}` must be a number, got {type(v).__name__} {v!r}")
+    v = float(v)
+    if not math.isfinite(v): raise ValueError(f"`{name}` must be finite, got {v}")
+    if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and (v > hi or (hi_open and v == hi))):
+        raise ValueError(f"`{name}` must lie in {'(' if lo_open else '['}{lo if lo is not None else '-inf'}, "
+                         f"{hi if hi is not None else 'inf'}{')' if hi_open else ']'}, got {v}")
+    return v
+
+def check_seed(seed, name: str = "seed") -> int:
+    "A seed must be a non-negative int (NumPy's SeedSequence refuses the rest with a message that names no argument)."
+    return check_int(seed, name, lo=0)
+
+def check_choice(v, name: str, choices) -> str:
+    "`v` must be one of `choices`."
+    if not isinstance(v, str) or v not in choices: raise ValueError(f"`{name}` must be one of {list(choices)}, got {v!r}")
+    return v
 
 # %% ../nbs/00_data.ipynb #e8063fb2
 def render_ellipses(row, # (n,) or scalar: centre row, in output pixels (the package's convention)
@@ -271,11 +329,11 @@ def render_ellipses(row, # (n,) or scalar: centre row, in output pixels (the pac
                     chunk: int = 256, # images rendered at once (bounds memory: ~chunk·(img_size·factor)²·8 bytes)
                    ) -> np.ndarray: # (n, img_size, img_size) float32 in [0, 1]
     "Vectorised `ellipse.get_ellipse`: anti-aliased filled ellipses, identical pixels for ellipses inside the image."
+    for nm, v in zip(("row", "col", "a", "b", "theta"), (row, col, a, b, theta)):
+        check_tensor(np.atleast_1d(v) if not isinstance(v, (str, bytes)) and v is not None else v, nm, ndim=1)
     vals = [np.atleast_1d(np.asarray(v, dtype=np.float64)) for v in (row, col, a, b, theta)]
-    for nm, v in zip(("row", "col", "a", "b", "theta"), vals):
-        check_tensor(v, nm, ndim=1)
     if (vals[2] <= 0).any() or (vals[3] <= 0).any(): raise ValueError("`a` and `b` must be positive semi-axis lengths")
-    if img_size < 1 or downsample_factor < 1: raise ValueError("`img_size` and `downsample_factor` must be >= 1")
+    check_int(img_size, "img_size", lo=1); check_int(downsample_factor, "downsample_factor", lo=1)
     row, col, a, b, theta = np.broadcast_arrays(*vals)
     n, f, S = row.shape[0], int(downsample_factor), int(img_size); N = S*f
     out, grid = np.empty((n, S, S), np.float32), np.arange(N)
@@ -308,6 +366,7 @@ def sample_ellipse_params(n: int, # number of ellipses
                          ) -> dict: # `log_ar`, `area`, `theta`, `row`, `col`, `a`, `b` (float64) and `label` (int64)
     "Draw ellipse parameters: uniform factors, exactly balanced classes by aspect ratio, ellipse inside the image."
     if not (isinstance(n, (int, np.integer)) and n >= 2): raise ValueError(f"`n` must be an int >= 2, got {n!r}")
+    check_int(img_size, "img_size", lo=4); check_seed(seed); margin = check_number(margin, "margin", lo=0)
     lo, hi = map(float, log_ar_range)
     if not 0 <= lo < hi: raise ValueError(f"`log_ar_range` must be increasing with lo >= 0, got {log_ar_range}")
     area_range = tuple(area_range) if area_range is not None else (25*(img_size/32)**2, 120*(img_size/32)**2)
@@ -354,6 +413,7 @@ def split_indices(n: int, # number of samples
                  ) -> dict: # `train`, `val`, `test`: sorted int64 index arrays that partition range(n)
     "Deterministic train/val/test split of `range(n)`."
     if not (isinstance(n, (int, np.integer)) and n > 0): raise ValueError(f"`n` must be a positive int, got {n!r}")
+    check_seed(seed); check_number(val_frac, "val_frac", 0, 1, hi_open=True); check_number(test_frac, "test_frac", 0, 1, hi_open=True)
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
         raise ValueError(f"`val_frac` and `test_frac` must be in [0, 1) with sum < 1, got {val_frac}, {test_frac}")
     perm = np.random.default_rng(seed).permutation(n)
@@ -381,8 +441,8 @@ def tensor_dataset(data: dict, # arrays from `make_ellipses` / `make_squares`
 
 # %% ../nbs/00_data.ipynb #5c47dede
 def _check_images(images, name="images"):
+    check_tensor(images, name, ndim=(3, 4))
     x = torch.as_tensor(images) if not torch.is_tensor(images) else images
-    check_tensor(x, name, ndim=(3, 4))
     if x.ndim == 4:
         if x.shape[1] != 1: raise ValueError(f"`{name}` must have one channel, shape (n, 1, H, W) or (n, H, W); got {tuple(x.shape)}")
         x = x[:, 0]
@@ -402,6 +462,7 @@ def moment_log_ar(images, # (n, 1, H, W) or (n, H, W) intensities in [0, 1] (ten
                   eps: float = 1e-12, # added under the square root (finite gradient for circles)
                  ) -> torch.Tensor: # (n,) ½·log(λ1/λ2) ≈ log(a/b) of the intensity second-moment matrix
     "Differentiable log aspect ratio of the intensity distribution of each image."
+    eps = check_number(eps, "eps", lo=0)
     x = _nonneg(_check_images(images)); H, W = x.shape[-2:]
     r = torch.arange(H, dtype=x.dtype, device=x.device)[:, None]; c = torch.arange(W, dtype=x.dtype, device=x.device)[None]
     m = x.sum((-2, -1))
@@ -471,8 +532,8 @@ def make_squares(n: int = 16_000, # number of images (the paper's training set h
 def reference_value(target, # red intensity a/255 in [0, 1] (float, array or tensor)
                    ): # same type and shape: the mirrored intensity (a ± 128)/255
     "The regression paper's reference value for a square: the red level 128 steps away, wrapping within [0, 255]."
+    check_tensor(target, "target", value_range=(0, 1))
     t = target if torch.is_tensor(target) else np.asarray(target, dtype=np.float64)
-    check_tensor(t, "target", value_range=(0, 1))
     a = (t*255).round()
     r = (torch.where(a <= 127, a + 128, a - 128) if torch.is_tensor(t) else np.where(a <= 127, a + 128, a - 128))/255
     return r if (torch.is_tensor(target) or np.ndim(target)) else float(r)
@@ -677,8 +738,9 @@ def extract_hippocampus_rois(t1, # (X, Y, Z) T1 intensities in RAS+ orientation 
                             ) -> dict: # `image` (2,size,size,size) float32 in [0,1], `mask`, `mask_dilated` (2,...) bool, `volume` (2,) mm³
     "Left and mirrored right hippocampus ROIs of one subject, normalised by the 10th/90th percentiles."
     from scipy.ndimage import binary_dilation
-    t1, aseg = np.ascontiguousarray(t1), np.ascontiguousarray(aseg)
     check_tensor(t1, "t1", ndim=3); check_tensor(aseg, "aseg", ndim=3)
+    check_int(size, "size", lo=2); check_int(dilate, "dilate", lo=0)
+    t1, aseg = np.ascontiguousarray(t1), np.ascontiguousarray(aseg)
     if t1.shape != aseg.shape: raise ValueError(f"`t1` {t1.shape} and `aseg` {aseg.shape} must have the same shape")
     zooms = np.asarray(zooms, dtype=np.float64)
     if zooms.shape != (3,) or (zooms <= 0).any(): raise ValueError(f"`zooms` must be 3 positive voxel sizes, got {zooms}")
@@ -766,7 +828,13 @@ def subject_split(subject, # (m,) subject id of each ROI
                   seed: int = 0, # permutation seed
                  ) -> dict: # `train`, `val`, `test`: sorted ROI index arrays; no subject is in two of them
     "Stratified subject-level split of ROI indices."
-    subject, label = np.asarray(subject).astype(str), np.asarray(label)
+    check_tensor(label, "label"); check_seed(seed)
+    check_number(test_frac, "test_frac", 0, 1, hi_open=True); check_number(val_frac, "val_frac", 0, 1, hi_open=True)
+    subject = np.asarray(subject)
+    if subject.dtype.kind == "f" and not np.isfinite(subject).all(): raise ValueError("`subject` contains NaN or inf ids")
+    if subject.dtype.kind == "O" and any(s is None or (isinstance(s, float) and not np.isfinite(s)) for s in subject.ravel()):
+        raise ValueError("`subject` contains None or NaN ids")
+    subject, label = subject.astype(str), np.asarray(label)
     if subject.shape != label.shape or subject.ndim != 1: raise ValueError("`subject` and `label` must be 1-d arrays of the same length")
     if not (0 <= test_frac < 1 and 0 <= val_frac < 1 and test_frac + val_frac < 1):
         raise ValueError(f"`test_frac`, `val_frac` must be in [0, 1) with sum < 1, got {test_frac}, {val_frac}")
@@ -783,7 +851,9 @@ def subject_split(subject, # (m,) subject id of each ROI
 def class_weights(label, # (m,) int class labels
                  ) -> torch.Tensor: # (m,) float64 per-sample weights 1/count(class), for `WeightedRandomSampler`
     "Inverse-frequency sample weights; raises when a class is empty."
-    label = np.asarray(label); check_tensor(label, "label", ndim=1)
+    check_tensor(label, "label", ndim=1); label = np.asarray(label)
+    if label.dtype.kind == "f" and (label != np.round(label)).any() or (label < 0).any():
+        raise ValueError(f"`label` must hold non-negative integer classes, got {np.unique(label)[:5].tolist()}")
     if not len(label): raise ValueError("`label` is empty")
     counts = np.bincount(label.astype(np.int64))
     if (counts == 0).any(): raise ValueError(f"`label` has an empty class: counts per class {counts.tolist()}")
