@@ -106,29 +106,34 @@ from diffexplain.data import seed_everything
 from diffexplain import diffusion as D
 images = np.load(sys.argv[1]); seed_everything(0)
 D.train_diffusion(D.make_unet2d("tiny", 1, 16), images, steps={steps}, batch_size=8, lr=1e-3, ckpt_dir=sys.argv[2],
-                  ckpt_every=2, progress=False, callback=lambda s, l: time.sleep(0.4))
+                  ckpt_every=2, progress=False, callback=stop_at)
+"""
+# the child blocks at step KILL_AT after writing a marker: the kill lands at a known step (checkpoints at 2, 4, 6 exist)
+STOP = """
+import sys, time
+from pathlib import Path
+def stop_at(step, loss):
+    if step == {kill_at}: Path(sys.argv[2] + ".killpoint").write_text(str(step)); time.sleep(3600)
 """
 
 
 def test_kill_and_resume_gives_same_weights(ellipses16, tmp_path):
     steps = 14
     np.save(tmp_path/"x.npy", ellipses16)
-    (tmp_path/"child.py").write_text(CHILD.format(steps=steps))
+    (tmp_path/"child.py").write_text(STOP.format(kill_at=7) + CHILD.format(steps=steps))
     ck = tmp_path/"ckpt"
     p = subprocess.Popen([sys.executable, str(tmp_path/"child.py"), str(tmp_path/"x.npy"), str(ck),
                           str(torch.get_num_threads())], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    t0 = time.time()
-    while not (ck/"state").is_dir():  # first checkpoint after step 2
+    marker = Path(str(ck) + ".killpoint")
+    while not marker.exists():  # the child writes it at step 7 and then blocks
         assert p.poll() is None, p.stderr.read().decode()[-3000:]
-        assert time.time() - t0 < 120, "child never wrote a checkpoint"
-        time.sleep(0.05)
-    time.sleep(1.0)  # let it train (and maybe checkpoint) a little further
+        time.sleep(0.05)  # polling interval only; no deadline (pytest's own timeout covers a hang)
     os.kill(p.pid, signal.SIGKILL); p.wait()
     assert p.returncode == -signal.SIGKILL
     kw = dict(steps=steps, batch_size=8, lr=1e-3, progress=False)
     seed_everything(0)
     resumed = D.train_diffusion(D.make_unet2d("tiny", 1, 16), ellipses16, ckpt_dir=ck, ckpt_every=2, **kw)
-    assert 0 < resumed["start_step"] < steps
+    assert resumed["start_step"] == 6  # the last checkpoint before the kill at step 7
     seed_everything(0)
     straight = D.train_diffusion(D.make_unet2d("tiny", 1, 16), ellipses16, **kw)
     for a, b in zip(resumed["model"].parameters(), straight["model"].parameters()):
@@ -279,3 +284,51 @@ def test_square_diffae_smoke_profile(tmp_path):
     assert again["loaded"] and again["metrics"] == m
     for a, b in zip(again["model"].parameters(), r["model"].parameters()): assert torch.equal(a, b)
     with pytest.raises(ValueError, match="profile"): D.square_diffae("big", cache_dir=tmp_path)
+
+
+# ------------------------------------------------------------------------------------- schedules as a profile property
+def test_linear_schedules_and_truncation():
+    "guided-diffusion's linear beta (1e-4 -> 0.02 at T=1000, scaled by 1000/T); ACE's 500-step CelebA-HQ schedule; truncation keeps the betas."
+    gd = D.make_scheduler(**D.linear_schedule("guided-diffusion"))
+    assert gd.betas[0].item() == pytest.approx(1e-4) and gd.betas[-1].item() == pytest.approx(0.02)
+    assert (1 - gd.alphas_cumprod[80]).sqrt().item() == pytest.approx(0.27, abs=0.01)            # the squares' filter depth
+    assert (1 - D.make_scheduler().alphas_cumprod[80]).sqrt().item() == pytest.approx(0.41, abs=0.01)
+    ace = D.linear_schedule("guided-diffusion", chain=500)
+    assert ace == dict(num_train_timesteps=500, beta_start=pytest.approx(2e-4), beta_end=pytest.approx(0.04))
+    short = D.make_scheduler(**D.linear_schedule("guided-diffusion", T=100))
+    np.testing.assert_allclose(short.alphas_cumprod.numpy(), gd.alphas_cumprod[:100].numpy(), rtol=1e-5)
+    with pytest.raises(ValueError, match="`name`"): D.linear_schedule("cosine")
+    with pytest.raises(ValueError, match="`T`"): D.linear_schedule("guided-diffusion", chain=500, T=501)
+
+
+def test_diffae_converts_v_with_its_own_schedule():
+    "v -> eps uses the model's alpha_bar, not the attribution default (the two differ by ~0.3 in sqrt(ab) at t=500)."
+    seed_everything(0); sk = D.linear_schedule("guided-diffusion")
+    v = D.DiffAE("tiny", 1, 16, enc_channels=(8, 16), prediction="v", schedule=sk)
+    e = D.DiffAE("tiny", 1, 16, enc_channels=(8, 16), prediction="eps"); e.load_state_dict(v.state_dict())
+    x_t, z, t = torch.randn(3, 1, 16, 16), torch.randn(3, 512), torch.tensor([0, 500, 999])
+    ab = D.make_scheduler(**sk).alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    with torch.no_grad(): assert torch.allclose(v(x_t, t, z), ab.sqrt()*e(x_t, t, z) + (1 - ab).sqrt()*x_t, atol=1e-6)
+    assert v.config["schedule"] == sk and not torch.allclose(v.alpha_bar, D.DiffAE("tiny", 1, 16, enc_channels=(8, 16)).alpha_bar)
+
+
+def test_ddim_grid_spans_the_chain():
+    "Diff-AE's grids: the 20-step encoding ends at T-1 and the 10-step decoding starts there (x_T pure noise)."
+    for T, n in ((1000, 20), (1000, 10), (500, 20), (100, 7)):
+        ts = D.ddim_timesteps(T, n)
+        assert ts[0] == 0 and ts[-1] == T - 1 and len(ts.unique()) == n
+    assert D.ddim_timesteps(1000, 10).tolist() == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
+    with pytest.raises(ValueError, match="num_steps"): D.ddim_timesteps(10, 0)
+
+
+def test_ddpm_cache_key_holds_schedule_and_code(ellipses16, tmp_path, monkeypatch):
+    "Another schedule, or another version of the model/training code, is another cache entry (retrained, never a stale load)."
+    kw = dict(steps=1, cache_dir=tmp_path, batch_size=4, progress=False)
+    D.load_or_train_ddpm(ellipses16[:8], "tiny", "k", **kw)
+    D.load_or_train_ddpm(ellipses16[:8], "tiny", "k", scheduler_kwargs=D.linear_schedule("guided-diffusion"), **kw)
+    assert len(list(tmp_path.glob("k-*"))) == 2
+    D.load_or_train_ddpm(ellipses16[:8], "tiny", "k", **kw)                    # same schedule, same code: loaded
+    assert len(list(tmp_path.glob("k-*"))) == 2
+    monkeypatch.setattr(D, "code_version", lambda *objs: "changed000")      # as if train_diffusion had been edited
+    D.load_or_train_ddpm(ellipses16[:8], "tiny", "k", **kw)
+    assert len(list(tmp_path.glob("k-*"))) == 3
