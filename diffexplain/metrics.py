@@ -16,7 +16,7 @@ import torchvision
 import torch_fidelity
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from tqdm.auto import tqdm
-from .data import check_tensor, get_device
+from .data import check_tensor, check_int, check_number, check_choice, get_device
 from .models import r2_score, balanced_accuracy
 
 # %% auto #0
@@ -64,6 +64,7 @@ def knn_radii(features, # (n, d) embeddings
               device: str = "cpu", # "cpu", "cuda", "auto"
              ) -> torch.Tensor: # (n,) float64 distance to the k-th nearest other row
     "$\\mathrm{NND}_k$ of every row, as `prdc` computes it."
+    check_int(batch_size, "batch_size", lo=1)
     x = _as_features(features, "features", get_device(device))
     return _radii(x, _check_ks(k, len(x), "features"), batch_size)[k].cpu()
 
@@ -83,6 +84,7 @@ def prdc_metrics(real_features, # (N, d) embeddings of real samples
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"`real_features` and `fake_features` must have the same feature dimension, got "
                          f"{real.shape[1]} and {fake.shape[1]}")
+    if isinstance(metrics, str) or not isinstance(metrics, Sequence): raise ValueError(f"`metrics` must be a sequence of names from {_PRDC}, got {metrics!r}")
     bad = [m for m in metrics if m not in _PRDC]
     if bad or not metrics: raise ValueError(f"`metrics` must be a non-empty subset of {_PRDC}, got {list(metrics)}")
     if not isinstance(batch_size, int) or batch_size < 1: raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
@@ -163,6 +165,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def _check_images(x, name: str, channels: Sequence[int] = (1, 3)) -> torch.Tensor:
     "Check a (n, C, H, W) image batch in [0, 1] (uint8 is scaled by 1/255) and return it as float32."
+    check_tensor(x, name, ndim=4, finite=False)            # numeric, (n, C, H, W), non-empty; range checked below
     t = x if torch.is_tensor(x) else torch.as_tensor(np.asarray(x))
     if t.dtype == torch.uint8: t = t.float() / 255
     check_tensor(t, name, ndim=4, finite=True, value_range=(0., 1.))
@@ -173,6 +176,8 @@ def _check_images(x, name: str, channels: Sequence[int] = (1, 3)) -> torch.Tenso
 def to_rgb(x: torch.Tensor # (n, 1 or 3, H, W) images
           ) -> torch.Tensor: # (n, 3, H, W): a grey channel repeated three times
     "Repeat a single grey channel to RGB; leave RGB images as they are."
+    check_tensor(x, "x", ndim=4)
+    if x.shape[1] not in (1, 3): raise ValueError(f"`x` must have 1 or 3 channels (n, C, H, W), got shape {tuple(x.shape)}")
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 def _load_state_dict(path, what: str, supply: str) -> dict:
@@ -232,11 +237,12 @@ def frechet_distance(mu1, # (d,) mean of the first Gaussian
                      sigma2, # (d, d) covariance of the second Gaussian
                     ) -> float: # squared 2-Wasserstein distance between the Gaussians, >= 0
     "Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2)."
+    for v, nm, nd in ((mu1, "mu1", 1), (sigma1, "sigma1", 2), (mu2, "mu2", 1), (sigma2, "sigma2", 2)): check_tensor(v, nm, ndim=nd)
     mu1, mu2 = (torch.as_tensor(m, dtype=torch.float64) for m in (mu1, mu2))
     s1, s2 = (torch.as_tensor(s, dtype=torch.float64, device=mu1.device) for s in (sigma1, sigma2))
     d = mu1.shape[0]
     if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
-        raise ValueError(f"means must be (d,) and covariances (d, d) with one d, got {tuple(mu1.shape)}, {tuple(s1.shape)}, {tuple(mu2.shape)}, {tuple(s2.shape)}")
+        raise ValueError(f"`mu1`, `mu2` must be (d,) and `sigma1`, `sigma2` (d, d) with one d, got {tuple(mu1.shape)}, {tuple(s1.shape)}, {tuple(mu2.shape)}, {tuple(s2.shape)}")
     lam, V = torch.linalg.eigh((s1 + s1.T) / 2)
     r1 = (V * lam.clamp(min=0).sqrt()) @ V.T                            # Sigma_1^{1/2}
     m = r1 @ s2.to(mu1.device) @ r1
@@ -270,6 +276,7 @@ INCEPTION_FILE = ("torch-fidelity's Inception-v3 weights `weights-inception-2015
 def to_uint8(x: torch.Tensor # (n, C, H, W) float images in [0, 1]
             ) -> torch.Tensor: # (n, C, H, W) uint8, round(255 x)
     "Quantise images as they are saved to disk (round half up)."
+    check_tensor(x, "x", value_range=(0., 1.))
     return (x * 255 + 0.5).clamp(0, 255).to(torch.uint8)
 
 class _Uint8Images(torch.utils.data.Dataset):
@@ -287,6 +294,7 @@ def fid_images(real_images, # (N, 1|3, H, W) real images in [0, 1] (or uint8)
               ) -> float: # FID
     "FID between two image sets: torch-fidelity's Inception-v3 from a local file, or any feature extractor."
     real, fake = _check_images(real_images, "real_images"), _check_images(fake_images, "fake_images")
+    check_int(batch_size, "batch_size", lo=1)
     for x, name in ((real, "real_images"), (fake, "fake_images")):
         if len(x) < 2: raise ValueError(f"`{name}` needs at least 2 images for FID, got {len(x)}")
     dev = get_device(device)
@@ -328,6 +336,7 @@ def face_similarity(features_orig, # (n, d) identity features of the originals
                    ) -> dict: # {"fs": mean cosine, "fva": share of pairs with cosine > threshold}
     "Face similarity (FS) and face verification accuracy (FVA) between originals and counterfactuals."
     a, b = _as_features(features_orig, "features_orig"), _as_features(features_cf, "features_cf")
+    threshold = check_number(threshold, "threshold", -1, 1)
     if a.shape != b.shape: raise ValueError(f"`features_orig` and `features_cf` must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     cos = F.cosine_similarity(a, b, dim=1)
     return {"fs": cos.mean().item(), "fva": (cos > threshold).double().mean().item()}
@@ -385,6 +394,7 @@ def mnac(probs_orig, # (n, A) attribute probabilities of the originals, in [0, 1
         ) -> float: # mean number of attributes whose decision flips
     "Mean number of attribute changes between originals and counterfactuals."
     for x, name in ((probs_orig, "probs_orig"), (probs_cf, "probs_cf")): check_tensor(x, name, ndim=2, value_range=(0., 1.))
+    threshold = check_number(threshold, "threshold", 0, 1)
     a, b = (torch.as_tensor(np.asarray(x)) if not torch.is_tensor(x) else x.detach().cpu() for x in (probs_orig, probs_cf))
     if a.shape != b.shape: raise ValueError(f"`probs_orig` and `probs_cf` must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if any(not 0 <= int(i) < a.shape[1] for i in exclude): raise ValueError(f"`exclude` must hold attribute indices in [0, {a.shape[1]}), got {list(exclude)}")
@@ -484,6 +494,8 @@ def to_markdown(df: pd.DataFrame, # table from `metrics_table`
                 digits: int = 3, # significant digits of the numbers
                ) -> str: # GitHub pipe table
     "Markdown pipe table (numbers with `digits` significant digits, missing values blank)."
+    if not isinstance(df, pd.DataFrame): raise TypeError(f"`df` must be a pandas DataFrame (from `metrics_table`), got {type(df).__name__}")
+    check_int(digits, "digits", lo=1)
     fmt = lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}g}" if isinstance(v, (float, np.floating)) else str(v)
     head = [str(df.index.name or "")] + [str(c) for c in df.columns]
     rows = [[str(i)] + [fmt(v) for v in r] for i, r in zip(df.index, df.itertuples(index=False))]
@@ -494,6 +506,7 @@ def save_metrics_table(df: pd.DataFrame, # table from `metrics_table`
                digits: int = 3, # significant digits in the markdown version
               ) -> tuple[Path, Path]: # (csv path, md path)
     "Write a metrics table as CSV and markdown."
+    if not isinstance(df, pd.DataFrame): raise TypeError(f"`df` must be a pandas DataFrame (from `metrics_table`), got {type(df).__name__}")
     p = Path(path); p.parent.mkdir(parents=True, exist_ok=True)
     csv, mdp = p.with_name(p.name + ".csv"), p.with_name(p.name + ".md")
     df.to_csv(csv); mdp.write_text(to_markdown(df, digits))
