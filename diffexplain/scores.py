@@ -12,6 +12,7 @@ import torch
 import matplotlib.pyplot as plt
 from scipy import stats
 from tqdm.auto import tqdm
+from .data import check_int, check_seed
 
 # %% auto #0
 __all__ = ['quantile_bins', 'group_stats', 'global_score', 'local_scores', 'balanced_global_score', 'BootstrapScores',
@@ -489,6 +490,7 @@ def plot_local_scores(scores, # `local_scores` DataFrame or `BootstrapScores` (t
                       hist_bins: int = 30, # histogram bins
                      ) -> plt.Figure:
     "Local scores against v0 with their bootstrap band, next to the feature's histogram (paper Figs. 5, 8)."
+    check_int(hist_bins, "hist_bins", lo=1)
     band = isinstance(scores, BootstrapScores)
     df = scores.local if band else scores
     if not isinstance(df, pd.DataFrame) or not {"v0", "score"} <= set(df.columns):
@@ -518,7 +520,7 @@ def plot_feature_logit(v, # (n,) feature values
                       ) -> plt.Figure:
     "Scatter of feature vs logit with the fitted regression line and its R² (paper Fig. 15)."
     logits, v = _pair(logits, v, "logits", "v")
-    v = v.astype(np.float64)
+    v = v.astype(np.float64); check_int(max_points, "max_points", lo=1)
     r2 = linear_r2(logits, v); fit = stats.linregress(v, logits)
     fig, ax = plt.subplots(figsize=(4, 3))
     sub = np.random.default_rng(0).permutation(len(v))[:max_points]
@@ -537,6 +539,7 @@ def scores_from_sweep(sweep: dict, # chapter 03 sweep: arrays `y`, `group`, opti
                       seed: int = 0, # bootstrap seed
                      ) -> dict: # global_score, local (DataFrame by target v0), n_accepted, acceptance, bootstrap (or None)
     "Global and local scores (and optionally their bootstrap) from a guided-sampling sweep."
+    check_int(n_boot, "n_boot", lo=0); check_seed(seed)
     if not isinstance(sweep, dict): raise ValueError(f"`sweep` must be a dict of arrays, got {type(sweep).__name__}")
     missing = [k for k in ("y", "group") if k not in sweep]
     if missing: raise ValueError(f"`sweep` lacks the keys {missing} (expected y, group, accepted, target)")
