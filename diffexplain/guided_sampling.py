@@ -14,9 +14,11 @@ from tqdm.auto import tqdm
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from .data import cache_path, check_tensor, config_hash, load_arrays, make_ellipses, save_arrays, split_indices
-from .data import code_version, fingerprint, open_store
+from .data import code_version, fingerprint, open_store, check_int, check_number, check_seed
 from .models import ELLIPSE_PROFILES, ellipse_models
 from .diffusion import ddim_encode, ellipse_ddpm, from_model_range, eps_fn as unet_eps
+from .data import moment_log_ar
+from .diffusion import ellipse_check
 
 # %% auto #0
 __all__ = ['PAPER_RHO', 'SWEEP_KEYS', 'SAMPLER_PROFILES', 'gaussian_eps', 'rho_schedule', 'x0_from_eps', 'dps_direction',
@@ -32,7 +34,9 @@ def gaussian_eps(scheduler, # diffusers scheduler providing `alphas_cumprod`
                  std: float = 0.5, # s of the Gaussian data distribution, > 0
                 ) -> Callable: # eps(x_t, t) -> (n, ...) exact ε-prediction
     "Exact ε-prediction for data N(mean, std² I): a differentiable dummy ε-model with known samples."
-    if not std > 0: raise ValueError(f"`std` must be > 0, got {std}")
+    mean = check_number(mean, "mean")
+    if isinstance(std, (bool, str)) or not isinstance(std, (int, float, np.number)) or not 0 < std < math.inf:
+        raise ValueError(f"`std` must be > 0 and finite, got {std!r}")
     ab = scheduler.alphas_cumprod.to(torch.float64)
     def eps(x_t, t):
         t = torch.as_tensor(t, device=ab.device).long().reshape(-1)
@@ -72,6 +76,9 @@ def x0_from_eps(x_t, # (n, ...) noisy sample at step t
                 alpha_bar_t, # ᾱ_t, scalar tensor or float in (0, 1]
                ) -> torch.Tensor: # (n, ...) x̂0, Eq. 8 first line
     "Predicted clean sample x̂0 = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t."
+    check_tensor(x_t, "x_t", ndim=(2, 3, 4, 5)); check_tensor(eps, "eps")
+    if tuple(eps.shape) != tuple(x_t.shape): raise ValueError(f"`eps` {tuple(eps.shape)} must have the shape of `x_t` {tuple(x_t.shape)}")
+    check_number(alpha_bar_t, "alpha_bar_t", 0, 1, lo_open=True)
     a = torch.as_tensor(alpha_bar_t, dtype=x_t.dtype, device=x_t.device)
     return (x_t - (1 - a).sqrt()*eps)/a.sqrt()
 
@@ -123,6 +130,7 @@ def downsample_mask(mask, # (n|1, 1, H, W) or (n|1, 1, D, H, W) mask, 1 = known
                     mode: str = "any", # "any": known if any pixel under it is; "all": only if all are
                    ) -> torch.Tensor: # float mask of the latent's spatial size
     "Bring a pixel-space mask to a latent grid by max-pooling (any) or min-pooling (all)."
+    check_tensor(mask, "mask", value_range=(0, 1))
     m = torch.as_tensor(mask).float()
     if m.ndim not in (4, 5) or m.ndim - 2 != len(size):
         raise ValueError(f"`mask` must be (n, c, *spatial) with {len(size)} spatial dims to match `size`={tuple(size)}, got {tuple(m.shape)}")
@@ -201,6 +209,7 @@ def constrained_sample(eps_fn: Callable, # eps(x_t, t) -> (n, ...) ε-prediction
     sched = respaced(scheduler, num_steps)
     ab = sched.alphas_cumprod
     step_kwargs = step_kwargs or {}
+    if x_T is not None: check_tensor(x_T, "x_T", shape=shape)
     device = x_T.device if x_T is not None else (known.device if known is not None else torch.device("cpu"))
     x = randn_tensor(shape, generator=generator, device=device) if x_T is None else check_tensor(x_T, "x_T", shape=shape).float()
     ts = sched.timesteps
@@ -232,6 +241,7 @@ def reject(v, # (n,) or (n, k) measured feature values g(x)
            tol: float = 0.3, # acceptance half-width in units of σ_V (App. D.1)
           ) -> np.ndarray: # (n,) bool, True = accepted
     "Accept samples whose feature lies within `tol`·σ_V of the constraint (every component for vector features)."
+    check_tensor(v, "v", ndim=(1, 2)); check_tensor(sigma_v, "sigma_v"); check_tensor(c0, "c0")
     v = np.asarray(v, dtype=np.float64); s = np.asarray(sigma_v, dtype=np.float64)
     if not (np.all(s > 0) and np.isfinite(s).all()): raise ValueError(f"`sigma_v` must be > 0 and finite, got {sigma_v}")
     if isinstance(tol, (str, bool)) or not isinstance(tol, (int, float, np.number)) or not 0 < tol < math.inf:
@@ -244,6 +254,9 @@ def acceptance_rates(accepted, # (N,) bool acceptance flags
                      group, # (N,) int target index of each sample
                     ) -> np.ndarray: # (n_groups,) acceptance rate of each target, index = group id
     "Share of accepted samples per target."
+    check_tensor(accepted, "accepted", ndim=1, value_range=(0, 1)); check_tensor(group, "group", ndim=1, value_range=(0, math.inf))
+    if len(accepted) != len(group): raise ValueError(f"`accepted` and `group` must have the same length, got {len(accepted)} and {len(group)}")
+    if (np.asarray(group) != np.round(np.asarray(group, dtype=np.float64))).any(): raise ValueError("`group` must hold integer target indices")
     a, gr = np.asarray(accepted, bool), np.asarray(group, np.int64)
     return np.bincount(gr, weights=a)/np.maximum(np.bincount(gr), 1)
 
@@ -259,6 +272,9 @@ def feature_stats(v_data, # (N,) or (N, k) feature over the (training/test) data
     if np.any(sd <= 1e-12*np.maximum(1.0, np.abs(vd).max(0))):
         raise ValueError(f"`v_data` is constant (σ_V = {sd}): the rejection tolerance tol·σ_V would be 0; pass the feature over real data")
     if targets is not None:
+        check_tensor(targets, "targets", ndim=(0, 1, 2))
+        if vd.ndim == 1 and np.ndim(targets) == 2 and np.shape(targets)[1] != 1:
+            raise ValueError(f"`targets` must be (m,) for a scalar feature (`v_data` is (N,)), got shape {np.shape(targets)}")
         tg = np.asarray(targets, dtype=np.float64).reshape(-1, *vd.shape[1:])
         out = np.where(((tg < vd.min(0)) | (tg > vd.max(0))).reshape(len(tg), -1).any(1))[0]
         if len(out): warnings.warn(f"targets {out.tolist()} lie outside the observed feature range "
@@ -273,6 +289,7 @@ def sample_seeds(seed: int, # sweep seed
                  n: int, # samples per target
                 ) -> np.ndarray: # (n,) int64 seeds, one per sample
     "Per-sample seeds of target j, independent of batching, sharding and the other targets."
+    check_seed(seed); check_int(j, "j", lo=0); check_int(n, "n", lo=1)
     return np.random.SeedSequence([int(seed), int(j)]).generate_state(n, dtype=np.uint32).astype(np.int64)
 
 def target_file(out_dir, j: int) -> Path:
@@ -289,7 +306,10 @@ def load_sweep(out_dir, # folder written by `constrained_sweep`
                images: bool = False, # also load the images (if saved)
               ) -> dict: # concatenated arrays target, v, y, accepted, group (+ seed, images)
     "Merge the per-target files of a sweep, in target order."
-    idx = range(targets) if isinstance(targets, (int, np.integer)) else list(targets)
+    if isinstance(targets, (int, np.integer)) and not isinstance(targets, bool): idx = range(check_int(targets, "targets", lo=1))
+    elif isinstance(targets, (list, tuple, np.ndarray, range)) and len(targets) and all(isinstance(j, (int, np.integer)) and j >= 0 for j in targets): idx = list(targets)
+    else: raise ValueError(f"`targets` must be a count >= 1 or a non-empty sequence of target indices, got {targets!r}")
+    if not Path(out_dir).is_dir(): raise FileNotFoundError(f"`out_dir` {out_dir} is not a sweep folder (it does not exist)")
     missing = [j for j in idx if not target_file(out_dir, j).exists()]
     if missing: raise FileNotFoundError(f"sweep in {out_dir} lacks targets {missing}")
     parts = [load_arrays(target_file(out_dir, j)) for j in idx]
@@ -503,14 +523,16 @@ def converged_reference(study, # DataFrame from `sampling_study` holding a `conv
                         drift: float, # the chain's ρ·steps
                         chain_steps=None, # the chain's numbers of steps; default: every constant-ρ row with ρ·steps = drift
                         score_tol: float = 0.05, # the score "stops moving": |Δscore| ≤ score_tol between neighbours
-                        err_tol: float = 0.05, # ... and |Δerr| ≤ err_tol·σ_V
+                        err_tol: float = 0.1, # ... and |Δerr| ≤ err_tol·σ_V (a third of the 0.3 σ_V rejection half-width)
                         max_half_width: float = 0.05, # the reference's score interval must be at most this wide (each side)
                        ): # (index of the reference row or None, the chain with its moves and verdicts)
-    "The first setting of the chain after which score and constraint error stop moving, if its score interval is narrow."
+    """The first setting of the chain whose score and constraint error no longer move from the previous one, if its
+    score interval is narrow; None when the chain has fewer than two settings, never stops moving, or stops too wide."""
+    if not drift > 0: raise ValueError(f"`drift` must be > 0, got {drift!r}")
+    chain = _chain_rows(study, drift, chain_steps).copy()
+    if len(chain) < 2: return None, chain.assign(still_moving=True, narrow=False, reference=False)
     need = {"score", "score_lo", "score_hi", "err", "sigma_v"} - set(study)
     if need: raise ValueError(f"`study` lacks the columns {sorted(need)}: run `sampling_study` with a `score_fn` and a chain")
-    chain = _chain_rows(study, drift, chain_steps).copy()
-    if len(chain) < 2: raise ValueError(f"`study` holds {len(chain)} settings with ρ·steps = {drift}; a convergence check needs ≥ 2")
     d_score, d_err = chain["score"].diff().abs(), chain["err"].diff().abs()/chain["sigma_v"]
     chain["still_moving"] = (d_score > score_tol) | (d_err > err_tol) # vs the previous (fewer-steps) setting; NaN first row
     chain["narrow"] = chain.apply(_half_width, axis=1) <= max_half_width
@@ -576,6 +598,9 @@ def validated_sampler(study, # DataFrame from `sampling_study` with a `convergen
 def parse_rho(label: str, # `rho_pieces` of a study row: "0.4" or "0.1@0_0.8@400"
              ): # float, or {first_t: value} pieces for `rho_schedule`
     "The ρ of a study row, as `constrained_sample` takes it."
+    if not isinstance(label, str): raise ValueError(f"`label` must be a `rho_pieces` string such as '0.4' or '0.1@0_0.8@400', got {label!r}")
+    try: parts = [p.split("@") for p in label.split("_")]; [float(p[0]) for p in parts]
+    except ValueError: raise ValueError(f"`label` must be a `rho_pieces` string such as '0.4' or '0.1@0_0.8@400', got {label!r}") from None
     parts = [p.split("@") for p in str(label).split("_")]
     return float(parts[0][0]) if len(parts) == 1 and len(parts[0]) == 1 else {int(t): float(v) for v, t in parts}
 
@@ -614,19 +639,22 @@ def ellipse_sampling_study(profile: str = "quick", # "smoke" | "quick" | "paper"
                            n: int = 32, # samples per target
                            steps=(250, 100, 50, 25), # respaced numbers of steps
                            rhos=(0.1, 0.2, 0.4, 0.8), # ρ grid for every number of steps, or {steps: grid}
-                           reference: tuple = (1000, 0.1), # (steps, ρ) of the reference sampler (the paper's recipe)
+                           drift: float = 100.0, # total drift ρ·steps of the reference chain (the paper's 1000 steps × ρ 0.1)
+                           chain=(250, 500, 1000, 2000), # numbers of steps of the chain the reference is chosen from
                            score_fn: Callable|None = None, # as in `sampling_study`
                            seed: int = 0, # models' seed, target draw and sampling seeds
                            num_threads: int|None = None, # torch CPU threads (None: leave as is)
                            progress: bool = True, # tqdm bars
-                          ): # `sampling_study` DataFrame; attrs: targets, n, sigma_v, out_dir
-    "`sampling_study` on the trained ellipse DDPM, g = log-aspect-ratio regressor, Y = the ellipse classifier's decisions."
+                           **kwargs, # passed to `constrained_sample` (norm, clip_x0, ...)
+                          ): # `sampling_study` DataFrame (err_moment: moment features; clean: `ellipse_check`); attrs: targets, n, sigma_v, out_dir, drift, chain
+    """`sampling_study` on the trained ellipse DDPM, g = log-aspect-ratio regressor, Y = the ellipse classifier's decisions;
+    the constraint is also measured by the moment feature `moment_log_ar` and each sample checked by `ellipse_check`."""
     if profile not in ELLIPSE_PROFILES: raise ValueError(f"`profile` must be one of {list(ELLIPSE_PROFILES)}, got {profile!r}")
     if not (isinstance(n_targets, (int, np.integer)) and n_targets >= 2): raise ValueError(f"`n_targets` must be an int ≥ 2, got {n_targets!r}")
-    ref_k, ref_r = int(reference[0]), reference[1]
     grid = {int(k): list(rhos[k] if isinstance(rhos, dict) else rhos) for k in steps}
-    grid.setdefault(ref_k, [])
-    if ref_r not in grid[ref_k]: grid[ref_k].append(ref_r)
+    for k, (r,) in convergence_chain(drift, chain).items():
+        grid.setdefault(k, [])
+        if r not in grid[k]: grid[k].append(r)
     old = torch.get_num_threads()
     if num_threads is not None: torch.set_num_threads(int(num_threads))
     try:
@@ -639,22 +667,28 @@ def ellipse_sampling_study(profile: str = "quick", # "smoke" | "quick" | "paper"
         sigma_v = float(feature_stats(data["log_ar"], targets))
         g = lambda x: reg(from_model_range(x)).reshape(len(x))
         decide = lambda x: (clf(from_model_range(x)).reshape(len(x)) > 0).float()
+        def moment(x): # the data chapter's moment feature (NaN for an image without intensity above the floor)
+            x01 = from_model_range(x).clamp(0, 1); x01 = x01.where(x01 > 0.05, 0)
+            out = torch.full((len(x),), float("nan")); ok = x01.sum((1, 2, 3)) >= 1
+            if ok.any(): out[ok] = moment_log_ar(x01[ok]).float()
+            return out
+        clean = lambda x: ellipse_check(from_model_range(x).clamp(0, 1))
         if out_dir is None:
             key = dict(ddpm="/".join(Path(d["path"]).parts[-2:]), models=[Path(ms[k]["path"]).name for k in ("classifier", "log_ar")],
-                       targets=targets.tolist(), n=int(n), seed=int(seed))
+                       targets=targets.tolist(), n=int(n), seed=int(seed), code=code_version(sampling_study, constrained_sample, dps_direction))
             out_dir = cache_path(f"ellipse-sampling-study-{profile}", key, cache_dir)
         study = sampling_study(unet_eps(d["unet"]), d["scheduler"], g, targets, n, (1, 32, 32), sigma_v,
-                               steps=[ref_k] + sorted(set(grid) - {ref_k}), rhos=grid, seed=seed, classifier=decide,
-                               score_fn=score_fn, out_dir=out_dir, progress=progress)
+                               steps=sorted(grid, reverse=True), rhos=grid, seed=seed, classifier=decide, score_fn=score_fn,
+                               measures=dict(moment=moment), quality=clean, out_dir=out_dir, progress=progress, **kwargs)
     finally: torch.set_num_threads(old)
-    study.attrs.update(targets=targets.tolist(), n=int(n), sigma_v=sigma_v, out_dir=str(out_dir))
+    study.attrs.update(targets=targets.tolist(), n=int(n), sigma_v=sigma_v, out_dir=str(out_dir), drift=float(drift), chain=list(chain))
     return study
 
 # %% ../nbs/03_guided_sampling.ipynb #462b95ed
 SAMPLER_PROFILES = {
-    "smoke": dict(num_steps=10, rho=0.5),
-    "quick": dict(num_steps=25, rho=0.8), # cheapest match in the ellipse study above (N=48; its 1000-step reference is weak)
-    "paper": dict(num_steps=1000, rho=0.1),
+    "smoke": dict(num_steps=10, rho=0.5, validated=False),
+    "quick": dict(num_steps=25, rho=0.8, validated=False), # not validated: the committed study has no converged reference
+    "paper": dict(num_steps=1000, rho=0.1, validated=False), # the paper's recipe (Table 9), per-sample norm
 }
 
 # %% ../nbs/03_guided_sampling.ipynb #8745c705
@@ -676,7 +710,7 @@ def ddim_invert(eps_fn: Callable, # eps(x_t, t), `t` a (n,) LongTensor
                 num_steps: int = 50, # DDIM steps
                ) -> torch.Tensor: # (n, ...) x_T whose DDIM decode gives back x0
     "Deterministic DDIM encoding x0 → x_T: chapter 02's `ddim_encode` (unclipped), for this chapter's eps(x_t, t) and 2D or 3D data."
-    x = check_tensor(x0, "x0", ndim=(4, 5)).float()
+    x = check_tensor(x0, "x0", ndim=(4, 5)).float(); check_int(num_steps, "num_steps", lo=1)
     return ddim_encode(lambda x_t, t: eps_fn(x_t, _tvec(t, len(x_t), x_t.device)), x, scheduler, num_steps=int(num_steps),
                        clip_x0=False)
 
@@ -690,6 +724,7 @@ def guided_edit(eps_fn: Callable, # eps(x_t, t)
                 **kwargs, # passed to `constrained_sample` (decode, mask/known, ...)
                ) -> torch.Tensor: # (n, ...) edited images
     "DDIM-encode `x0`, then decode with guidance towards g(x) = c0 (attribution §3.1, Fig. 2)."
+    check_int(num_steps, "num_steps", lo=1)
     x_T = ddim_invert(eps_fn, scheduler, x0, num_steps)
     return constrained_sample(eps_fn, ddim_scheduler(scheduler), tuple(x0.shape), g, c0, rho, x_T=x_T, num_steps=num_steps,
                               step_kwargs=dict(eta=0.0), **kwargs)
