@@ -15,6 +15,7 @@ import timm
 import torchvision
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
+from .data import check_int, check_number
 from .data import (seed_everything, get_device, cache_path, code_version, config_hash, atomic_write, check_tensor, make_ellipses,
     split_indices, CELEBA_ATTRS, CelebA, write_tiny_celeba, make_brain_phantoms, load_brain_rois,
     subject_split, class_weights, BrainROIDataset)
@@ -31,6 +32,7 @@ def cnn_block(c_in: int, # input channels
               c_out: int, # output channels
              ) -> nn.Sequential: # halves the spatial size
     "Table 7: 3×3 convolution (padding 1), ReLU, 2×2 max-pooling."
+    check_int(c_in, "c_in", lo=1); check_int(c_out, "c_out", lo=1)
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
 
 class EllipseCNN(nn.Module):
@@ -41,6 +43,7 @@ class EllipseCNN(nn.Module):
                  img_size: int = 32, # input height = width (32 in the paper); must be divisible by 16
                 ):
         super().__init__()
+        check_int(n_out, "n_out", lo=1); check_int(in_channels, "in_channels", lo=1); check_int(img_size, "img_size", lo=16)
         if img_size % 16: raise ValueError(f"`img_size` must be divisible by 16 (four 2×2 poolings), got {img_size}")
         if n_out < 1: raise ValueError(f"`n_out` must be >= 1, got {n_out}")
         self.in_channels, self.img_size = in_channels, img_size
@@ -155,7 +158,7 @@ class Rescaled(nn.Module):
                  std: float = 1., # target standard deviation σ > 0
                 ):
         super().__init__()
-        if not std > 0: raise ValueError(f"`std` must be > 0, got {std}")
+        mean, std = check_number(mean, "mean"), check_number(std, "std", lo=0, lo_open=True)   # "`std` must lie in (0, inf]"
         self.net = net
         self.register_buffer("mean", torch.tensor(float(mean))); self.register_buffer("std", torch.tensor(float(std)))
     def forward(self, x): return self.net(x) * self.std + self.mean
@@ -163,28 +166,32 @@ class Rescaled(nn.Module):
 # %% ../nbs/01_models.ipynb #ac463880
 def _np(a): return a.detach().cpu().numpy() if torch.is_tensor(a) else np.asarray(a)
 
+def _pair(a, b, na, nb):
+    "Two finite numeric per-sample arrays of one shape, flattened; errors name the argument."
+    check_tensor(a, na); check_tensor(b, nb)
+    a, b = _np(a).ravel(), _np(b).ravel()
+    if a.shape != b.shape: raise ValueError(f"`{nb}` must have the shape of `{na}` {a.shape}, got {b.shape}")
+    return a, b
+
 def accuracy(y_true, # (n,) labels 0/1
              y_pred, # (n,) predicted labels 0/1
             ) -> float:
     "Share of correct predictions."
-    y_true, y_pred = _np(y_true).ravel(), _np(y_pred).ravel()
-    if y_true.shape != y_pred.shape: raise ValueError(f"`y_pred` must have the shape of `y_true` {y_true.shape}, got {y_pred.shape}")
+    y_true, y_pred = _pair(y_true, y_pred, "y_true", "y_pred")
     return float((y_true == y_pred).mean())
 
 def balanced_accuracy(y_true, # (n,) labels
                       y_pred, # (n,) predicted labels
                      ) -> float:
     "Mean over the classes present in `y_true` of the recall of each class."
-    y_true, y_pred = _np(y_true).ravel(), _np(y_pred).ravel()
-    if y_true.shape != y_pred.shape: raise ValueError(f"`y_pred` must have the shape of `y_true` {y_true.shape}, got {y_pred.shape}")
+    y_true, y_pred = _pair(y_true, y_pred, "y_true", "y_pred")
     return float(np.mean([(y_pred[y_true == c] == c).mean() for c in np.unique(y_true)]))
 
 def r2_score(v_true, # (n,) targets
              v_pred, # (n,) predictions
             ) -> float: # 1 is perfect, 0 is as good as predicting the mean
     "Coefficient of determination R²."
-    v_true, v_pred = _np(v_true).ravel().astype(np.float64), _np(v_pred).ravel().astype(np.float64)
-    if v_true.shape != v_pred.shape: raise ValueError(f"`v_pred` must have the shape of `v_true` {v_true.shape}, got {v_pred.shape}")
+    v_true, v_pred = (a.astype(np.float64) for a in _pair(v_true, v_pred, "v_true", "v_pred"))
     ss_tot = ((v_true - v_true.mean())**2).sum()
     if ss_tot == 0: raise ValueError("`v_true` is constant; R² is undefined")
     return float(1 - ((v_true - v_pred)**2).sum() / ss_tot)
@@ -266,8 +273,8 @@ def train_model(model: nn.Module, # network to train (modified in place and retu
                ) -> tuple: # (model with the best validation weights, in eval mode; history: list of per-epoch dicts)
     "Adam + early stopping on the validation loss, with optional L2 penalty and weighted sampling; seeded."
     if task not in _LOSSES: raise ValueError(f"`task` must be 'binary' or 'regression', got {task!r}")
-    if not lr > 0: raise ValueError(f"`lr` must be > 0, got {lr}")
-    if l2 < 0: raise ValueError(f"`l2` must be >= 0, got {l2}")
+    check_number(lr, "lr", lo=0, lo_open=True); check_number(l2, "l2", lo=0)
+    for v, nm in ((batch_size, "batch_size"), (max_epochs, "max_epochs"), (patience, "patience")): check_int(v, nm, lo=1)
     if batch_size < 1 or max_epochs < 1 or patience < 1:
         raise ValueError(f"`batch_size`, `max_epochs` and `patience` must be >= 1, got {batch_size}, {max_epochs}, {patience}")
     tr, va = _as_dataset(train_data, "train_data"), _as_dataset(val_data, "val_data")
