@@ -4,12 +4,13 @@
 
 # %% ../nbs/07_reproduce.ipynb #6f765621
 from __future__ import annotations
-import json, platform, subprocess, time
+import hashlib, json, os, platform, subprocess, time
 from pathlib import Path
 import pandas as pd
 
 # %% auto #0
-__all__ = ['PROFILES', 'PAPER', 'check_profile', 'compare_with_paper', 'save_figure', 'run_record']
+__all__ = ['PROFILES', 'PAPER', 'ALLOW_DIRTY_ENV', 'RESULTS', 'check_profile', 'compare_with_paper', 'git_state',
+           'check_results_dir', 'run_record', 'save_figure']
 
 # %% ../nbs/07_reproduce.ipynb #f98ea44d
 PROFILES = ("smoke", "quick", "paper")
@@ -57,33 +58,76 @@ def compare_with_paper(ours: dict, # name -> our number
     df["difference"] = df["ours"] - df["paper"]
     return df
 
-# %% ../nbs/07_reproduce.ipynb #e2a510c8
-def save_figure(fig, # matplotlib Figure
-                out_dir: str|Path, name: str, dpi: int = 100) -> Path:
-    "Save a figure as PNG at modest resolution (small files; results are committed)."
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    p = out/f"{name}.png"; fig.savefig(p, dpi=dpi, bbox_inches="tight")
-    return p
-
 # %% ../nbs/07_reproduce.ipynb #b20c9cfc
-def _git_sha(cwd=None):
-    try: return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=cwd, timeout=10).stdout.strip() or None
-    except Exception: return None
+ALLOW_DIRTY_ENV = "DIFFEXPLAIN_ALLOW_DIRTY" # set to 1 to let a reproduction write reproductions/results/ from a dirty tree
+RESULTS = ("reproductions", "results") # committed results live under this folder of the repository
+
+def _git(args, cwd):
+    r = subprocess.run(["git", *args], capture_output=True, cwd=cwd, timeout=60)
+    if r.returncode != 0: raise RuntimeError(r.stderr.decode(errors="replace").strip())
+    return r.stdout
+
+def git_state(repo=None, # a folder inside the checkout; default: the one `diffexplain` is imported from
+             ) -> dict: # commit, dirty, diff_sha256, changed (paths, at most 50); all None outside a git checkout
+    """The commit of the checkout, whether it differs from that commit (tracked changes or untracked, not ignored
+    files; the committed results folder `reproductions/results/` does not count) and a SHA-256 of that difference."""
+    if repo is None:
+        import diffexplain; repo = Path(diffexplain.__file__).parent
+    try:
+        commit = _git(["rev-parse", "HEAD"], repo).decode().strip()
+        root = Path(_git(["rev-parse", "--show-toplevel"], repo).decode().strip())
+    except Exception: return dict(commit=None, dirty=None, diff_sha256=None, changed=None)
+    spec = ["--", ".", f":(exclude){'/'.join(RESULTS)}"]
+    changed = [l[3:] for l in _git(["status", "--porcelain=v1", "--untracked-files=all", *spec], root).decode().splitlines()]
+    h = hashlib.sha256(_git(["diff", "HEAD", "--binary", *spec], root))
+    for f in sorted(_git(["ls-files", "--others", "--exclude-standard", *spec], root).decode().splitlines()):
+        h.update(f.encode()); h.update(hashlib.sha256((root/f).read_bytes()).digest()) # untracked files count by content
+    return dict(commit=commit, dirty=bool(changed), diff_sha256=h.hexdigest() if changed else None, changed=changed[:50])
+
+def _under_results(path):
+    parts = Path(path).resolve().parts
+    return any(parts[i:i + 2] == RESULTS for i in range(len(parts) - 1))
+
+def check_results_dir(out_dir, # where a reproduction is about to write
+                      allow_dirty: bool|None = None, # None: the environment variable `ALLOW_DIRTY_ENV` decides
+                      repo=None, # as in `git_state`
+                     ) -> dict: # `git_state` of the checkout
+    "Refuse (RuntimeError) to write committed results (`reproductions/results/...`) from a checkout with uncommitted changes."
+    st = git_state(repo)
+    if allow_dirty is None: allow_dirty = os.environ.get(ALLOW_DIRTY_ENV, "").strip().lower() in ("1", "true", "yes")
+    if _under_results(out_dir) and st["dirty"] and not allow_dirty:
+        raise RuntimeError(f"refusing to write {out_dir}: the checkout has uncommitted changes ({', '.join(st['changed'][:5])}"
+                           f"{', ...' if len(st['changed']) > 5 else ''}), so run.json could not name the code that made "
+                           f"the result. Commit first and run from a clean checkout (e.g. `git worktree add`), or set "
+                           f"{ALLOW_DIRTY_ENV}=1 (or pass allow_dirty=True) to write a result recorded as dirty.")
+    return st
 
 def run_record(params: dict, # the notebook's parameters
                out_dir: str|Path, # folder for results
+               allow_dirty: bool|None = None, # see `check_results_dir`
+               repo=None, # as in `git_state`
                **extra, # anything else worth keeping (timings, device, ...)
               ) -> Path: # path of `run.json`
-    "Write `run.json`: parameters, library versions, git SHA, machine and time, so a result says what produced it."
+    "Write `run.json`: parameters, library versions, git commit + dirty flag + diff hash, machine and time."
+    st = check_results_dir(out_dir, allow_dirty, repo)
     import torch, numpy, diffexplain
     versions = {"diffexplain": diffexplain.__version__, "torch": torch.__version__, "numpy": numpy.__version__}
     for mod in ("diffusers", "monai", "timm", "accelerate"):
         try: versions[mod] = __import__(mod).__version__
         except Exception: pass
-    rec = {"params": params, "versions": versions, "git_sha": _git_sha(Path(diffexplain.__file__).parent),
+    rec = {"params": params, "versions": versions, "git_sha": st["commit"], "git": st,
            "python": platform.python_version(), "machine": platform.machine(),
            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     p = out/"run.json"; p.write_text(json.dumps(rec, indent=2, default=str))
+    return p
+
+# %% ../nbs/07_reproduce.ipynb #e2a510c8
+def save_figure(fig, # matplotlib Figure
+                out_dir: str|Path, name: str, dpi: int = 100) -> Path:
+    "Save a figure as PNG at modest resolution (small files; results are committed); refuses like `check_results_dir`."
+    check_results_dir(out_dir)
+    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    p = out/f"{name}.png"; fig.savefig(p, dpi=dpi, bbox_inches="tight")
     return p

@@ -35,3 +35,36 @@ def test_reproductions_have_parameters_cell():
         src = "".join(params[0]["source"])
         for name in ("profile", "data_dir", "cache_dir", "out_dir", "device", "seed"):
             assert f"{name}" in src, f"{nb}: parameter {name} missing"
+
+
+# --- provenance of the committed results ----------------------------------------------------------------------------
+RESULTS = ROOT/"reproductions"/"results"
+# Written before run.json recorded a dirty flag (issue 15): their commit may not be the code that made them. Regenerate
+# each from a clean checkout (`git worktree add`), then delete its name here; the test fails if a name is left behind.
+LEGACY = {"quick/figure10", "quick/figure11", "quick/figure12", "quick/figure15", "quick/figure3", "quick/figure4",
+          "quick/figure5", "quick/regression_figure2", "quick/regression_figure4", "quick/regression_figure5",
+          "quick/regression_table1", "quick/table1", "quick/table3", "quick/table4", "quick/table8"}
+
+
+def _is_commit(sha):
+    import subprocess
+    return subprocess.run(["git", "cat-file", "-e", f"{sha}^{{commit}}"], cwd=ROOT, capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not (ROOT/".git").exists(), reason="not a git checkout")
+def test_committed_results_name_a_clean_commit():
+    "Every committed run.json names a commit of this repository and says the checkout was clean when it ran."
+    runs = sorted(RESULTS.glob("*/*/run.json"))
+    assert runs, "no committed results found"
+    names = {f"{p.parent.parent.name}/{p.parent.name}" for p in runs}
+    assert LEGACY <= names, f"LEGACY names results that no longer exist: {sorted(LEGACY - names)}"
+    for p in runs:
+        name, rec = f"{p.parent.parent.name}/{p.parent.name}", json.loads(p.read_text())
+        assert rec.get("git_sha") and _is_commit(rec["git_sha"]), f"{name}: run.json names no commit of this repository"
+        if name in LEGACY:
+            assert "git" not in rec, f"{name} now records its checkout state: remove it from LEGACY"
+            continue
+        git = rec.get("git") or {}
+        assert git.get("commit") == rec["git_sha"] and git.get("dirty") is False, \
+            f"{name}: written from a dirty checkout ({git.get('changed')}) or without a dirty flag"
+        for k in ("torch", "diffusers", "diffexplain"): assert k in rec["versions"], f"{name}: no {k} version"
