@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 from .data import check_tensor, save_arrays, load_arrays, config_hash
-from .data import fingerprint, open_store
+from .data import fingerprint, open_store, check_int, check_number
 from .data import get_device, make_squares, split_indices, square_eval_grid, code_version
 from .models import EllipseCNN, square_resnet18, Rescaled, train_model, load_or_train, evaluate
 from .diffusion import load_or_train_ddpm, eps_fn, ddim_encode, ddim_decode, linear_schedule
@@ -388,7 +388,9 @@ def diffusion_ce(x,                 # (n, C, H, W) or (n, C, D, H, W) originals 
         if logits0.ndim == 2 and logits0.shape[1] > 2: raise ValueError("`target` is required for classifiers with more than 2 classes")
         target = 1 - d0
     target = _check_target(target, n, 2 if logits0.ndim == 1 or logits0.shape[1] == 1 else logits0.shape[1], x.device)
-    if not 0 < start <= 1: raise ValueError(f"`start` must be in (0, 1], got {start}")
+    start = check_number(start, "start", 0, 1, lo_open=True)
+    check_number(classifier_weight, "classifier_weight"); check_number(dist_weight, "dist_weight", lo=0)
+    if num_steps is not None: check_int(num_steps, "num_steps", lo=1)
     T = scheduler.config.num_train_timesteps
     sched = respaced_scheduler(scheduler, num_steps or T)
     ts = [int(t) for t in sched.timesteps if int(t) <= round(start * T)]
@@ -408,6 +410,9 @@ def diffusion_ce(x,                 # (n, C, H, W) or (n, C, D, H, W) originals 
         if same_norm: g_c, g_d = _same_norm(g_c, e.detach()), _same_norm(g_d, e.detach())
         shift = posterior_variance(sched, t) * (classifier_weight * g_c - dist_weight * g_d)
         x_t = ddpm_step(sched, e.detach(), t, xg.detach(), torch.randn(x.shape, generator=generator).to(x)) + shift
+        if not torch.isfinite(x_t).all():               # stop at the first bad step instead of returning NaN counterfactuals
+            bad = "ε-model output" if not torch.isfinite(e).all() else "classifier gradient" if not torch.isfinite(g_c).all() else "sample x_t"
+            raise FloatingPointError(f"diffusion_ce step t={t}: the {bad} contains NaN or inf; stopped")
     with torch.no_grad(): logits = _call_model(clf, dec(x_t), "classifier", "classifier")
     d1 = _decision(logits)
     return dict(x_cf=x_t.detach(), logits_orig=logits0, logits_cf=logits, target=target, decision_orig=d0,
@@ -467,7 +472,8 @@ def run_batched(fn,                 # a CE method, e.g. `acre`; called as fn(**b
                 **kwargs,
                ) -> dict: # NumPy arrays of every per-sample output, concatenated over batches
     "Run a counterfactual method batch by batch, seeded per batch, resuming from `store_dir`."
-    if not inputs: raise ValueError("`inputs` must hold at least one per-sample array")
+    if not isinstance(inputs, dict) or not inputs: raise ValueError(f"`inputs` must be a dict of per-sample arrays, got {type(inputs).__name__}")
+    if on_mismatch not in ("refuse", "recompute"): raise ValueError(f"`on_mismatch` must be 'refuse' or 'recompute', got {on_mismatch!r}")
     ns = {k: len(v) for k, v in inputs.items()}
     if len(set(ns.values())) != 1: raise ValueError(f"`inputs` must share their first dimension, got {ns}")
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1: raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}")

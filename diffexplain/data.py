@@ -272,7 +272,7 @@ def check_tensor(x, # array or tensor to check
         if len(shape) != t.ndim or any(s is not None and s != d for s, d in zip(shape, t.shape)):
             want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
             raise ValueError(f"`{name}` must have shape {want}, got {tuple(t.shape)}")
-    if not empty and t.ndim >= 1 and t.shape[0] == 0: raise ValueError(f"`{name}` is empty (shape {tuple(t.shape)}): need at least one sample")
+    if not empty and t.ndim >= 1 and t.shape[0] == 0: raise ValueError(f"`{name}` is an empty batch (shape {tuple(t.shape)}): need at least one sample")
     if t.is_floating_point() or t.is_complex():
         if finite and not torch.isfinite(t).all(): raise ValueError(f"`{name}` contains NaN or inf values")
     if value_range is not None and t.numel():
