@@ -294,6 +294,7 @@ def sample_seeds(seed: int, # sweep seed
 
 def target_file(out_dir, j: int) -> Path:
     "The file holding target j of a sweep."
+    check_int(j, "j", lo=0)
     return Path(out_dir)/f"target-{j:05d}.npz"
 
 def _is_done(path, h):
@@ -701,6 +702,7 @@ def _config_for(cls, scheduler):
 def ddim_scheduler(scheduler, # diffusers scheduler whose noise schedule is reused
                   ) -> DDIMScheduler: # deterministic DDIM on the grid 0, T/n, 2T/n, ... (chapter 02's `ddim_timesteps`)
     "diffusers' DDIM on `scheduler`'s betas, with chapter 02's timestep grid and no x̂0 clipping."
+    if not hasattr(scheduler, "config"): raise TypeError(f"`scheduler` must be a diffusers scheduler, got {type(scheduler).__name__}")
     return DDIMScheduler.from_config(_config_for(DDIMScheduler, scheduler), clip_sample=False, timestep_spacing="leading",
                                      steps_offset=0, set_alpha_to_one=True)
 
