@@ -349,6 +349,7 @@ VGGFACE2_FILE = ("the VGGFace2 ResNet-50 weights converted from Caffe (`resnet50
 def vggface2_resnet50(num_classes: int = 8631 # identities of the VGGFace2 training split
                      ) -> nn.Module: # Caffe-style ResNet-50 (randomly initialised)
     "torchvision ResNet-50 rearranged as the Caffe model VGGFace2 was trained with."
+    check_int(num_classes, "num_classes", lo=1)
     m = torchvision.models.resnet50(weights=None, num_classes=num_classes)
     m.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=0, ceil_mode=True)
     for layer in (m.layer2, m.layer3, m.layer4):
@@ -375,6 +376,7 @@ class FaceEmbedding(nn.Module):
     def __init__(self, net: nn.Module, # a (Caffe-style) torchvision ResNet-50, see `load_vggface2_resnet50`
                  size: int = 224): # input resolution
         super().__init__()
+        check_int(size, "size", lo=32)
         self.net, self.size = net, size
         self.register_buffer("mean_bgr", torch.tensor(VGGFACE2_MEAN_BGR).view(1, 3, 1, 1))
     def forward(self, x):

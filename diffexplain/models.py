@@ -60,6 +60,7 @@ def resnet10t(in_chans: int = 3, # image channels
               **kwargs, # passed to `timm.create_model`
              ) -> nn.Module:
     "timm's `resnet10t`, randomly initialised (the paper trains it from scratch)."
+    check_int(in_chans, "in_chans", lo=1); check_int(num_classes, "num_classes", lo=1)
     return timm.create_model("resnet10t", pretrained=False, in_chans=in_chans, num_classes=num_classes, **kwargs)
 
 # %% ../nbs/01_models.ipynb #23155015
@@ -93,6 +94,7 @@ def _convert(m: nn.Module) -> nn.Module|None:
 def to_3d(model: nn.Module, # a 2D network (e.g. a timm ResNet)
          ) -> nn.Module: # a new network with every 2D conv/norm/pool replaced by its 3D counterpart
     "Convert a 2D CNN to 3D, keeping kernel sizes, strides, paddings, channels and norm parameters (App. B.2)."
+    if not isinstance(model, nn.Module): raise TypeError(f"`model` must be a torch nn.Module, got {type(model).__name__}")
     model = copy.deepcopy(model)
     new = _convert(model)
     if new is not None: return new
@@ -116,6 +118,7 @@ def resnet10t_3d(in_chans: int = 1, # volume channels (1 for T1 MRI ROIs)
 def square_resnet18(num_outputs: int = 1, # regression outputs
                    ) -> nn.Module: # (n, 3, 64, 64) in [0, 1] → (n, num_outputs)
     "torchvision ResNet-18 from scratch with the 64×64 stem of the regression paper's code (4×4 conv, stride 1, pad 2)."
+    check_int(num_outputs, "num_outputs", lo=1)
     m = torchvision.models.resnet18(weights=None, num_classes=num_outputs)
     m.conv1 = nn.Conv2d(3, 64, kernel_size=4, stride=1, padding=2, bias=False)
     nn.init.kaiming_normal_(m.conv1.weight, mode="fan_out", nonlinearity="relu")
@@ -319,6 +322,7 @@ def save_checkpoint(model: nn.Module, # model whose `state_dict` is saved
                     meta: dict|None = None, # anything else to keep (history, metrics)
                    ) -> Path:
     "Save `model.safetensors`, `meta.json` and (last) `config.json` atomically into `path`."
+    if not isinstance(config, dict): raise TypeError(f"`config` must be a JSON-serialisable dict, got {type(config).__name__}")
     path = Path(path); path.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path/"model.safetensors", lambda t: save_file(sd, str(t)))
