@@ -204,6 +204,7 @@ def constrained_sample(eps_fn: Callable, # eps(x_t, t) -> (n, ...) ε-prediction
         except (TypeError, ValueError, RuntimeError): raise ValueError(f"`c0` must be a number or an array of numbers, got {type(c0).__name__}") from None
         if not torch.isfinite(c0t).all(): raise ValueError(f"`c0` contains NaN or inf values: {c0}")
     if (mask is not None) or (known is not None): check_mask(mask, known, shape)
+    if mask is not None: mask = torch.as_tensor(mask).to(torch.float32)    # a bool mask (True = keep) is a 0/1 mask
     if isinstance(generator, list) and len(generator) != shape[0]:
         raise ValueError(f"`generator` list must have one generator per sample ({shape[0]}), got {len(generator)}")
     sched = respaced(scheduler, num_steps)
@@ -216,7 +217,8 @@ def constrained_sample(eps_fn: Callable, # eps(x_t, t) -> (n, ...) ε-prediction
     for i, t in enumerate(tqdm(ts, disable=not progress, leave=False)):
         r = rho_t(t) if g is not None else 0.0
         if r > 0:
-            direction, eps, v = dps_direction(x, t, eps_fn, g, c0, ab[t], decode, amp_dtype, norm, clip_x0)
+            try: direction, eps, v = dps_direction(x, t, eps_fn, g, c0, ab[t], decode, amp_dtype, norm, clip_x0)
+            except ValueError as e: raise ValueError(f"step {i} (t={int(t)}): {e}") from None   # which step failed
             _check_step(v, "feature g(x̂0)", i, t); _check_step(direction, "guidance gradient", i, t)
         else:
             with torch.no_grad(), torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
