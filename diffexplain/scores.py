@@ -12,7 +12,7 @@ import torch
 import matplotlib.pyplot as plt
 from scipy import stats
 from tqdm.auto import tqdm
-from .data import check_int, check_seed
+from .data import check_int, check_number, check_seed
 
 # %% auto #0
 __all__ = ['quantile_bins', 'group_stats', 'global_score', 'local_scores', 'balanced_global_score', 'BootstrapScores',
@@ -399,7 +399,8 @@ def score_test(y, # (n,) model decisions (0/1), probabilities or logits; NumPy o
     for name, val in (("n_perm", n_perm), ("n_boot", n_boot)):
         if not isinstance(val, (int, np.integer)) or val < 100:
             raise ValueError(f"`{name}` must be an integer >= 100 (a p-value or interval needs many draws), got {val!r}")
-    if not 0 < level < 1: raise ValueError(f"`level` must lie in (0, 1), got {level!r}")
+    check_number(level, "level", 0, 1, lo_open=True, hi_open=True)
+    if not isinstance(seed, np.random.Generator): check_seed(seed)
     y, codes, v0, st, var_y = _prepare_groups(y, v, bins, weights, var_y, "score test")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     G = len(v0); N = st[0]
@@ -440,6 +441,8 @@ def interval_coverage(p, # (G,) P(Y = 1) in each group: the known Bernoulli mixt
         raise ValueError(f"`p` must hold ≥ 2 probabilities in [0, 1], got {p[:5]}")
     if not isinstance(n_per_group, (int, np.integer)) or n_per_group < 2:
         raise ValueError(f"`n_per_group` must be an integer >= 2, got {n_per_group!r}")
+    check_int(n_draws, "n_draws", lo=1); check_int(n_boot, "n_boot", lo=100)
+    check_number(level, "level", 0, 1, lo_open=True, hi_open=True); check_seed(seed)
     pbar = p.mean()
     if pbar in (0.0, 1.0): raise ValueError("`p` is all 0 or all 1: Y is constant and the score undefined")
     truth = 1 - (p * (1 - p)).mean() / (pbar * (1 - pbar))

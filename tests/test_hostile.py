@@ -308,8 +308,6 @@ EXEMPT = {   # public names that are not functions to attack, with the reason
 
 
 KNOWN_GAPS = {   # (row, argument, variant): reason -- xfail(strict=True): fixing one makes its case XPASS and fail, so remove it here
-    **{('scores.score_test', a, v): 'new bias-aware score cell of another helper: `score_test` does not validate this input yet' for a, v in [('level', 'str'), ('seed', 'str'), ('seed', 'float')]},
-    **{('scores.interval_coverage', a, v): 'new bias-aware score cell of another helper: `interval_coverage` does not validate this input yet' for a, v in [('n_draws', 'zero'), ('n_draws', 'neg'), ('n_draws', 'float'), ('n_draws', 'str'), ('level', 'str'), ('seed', 'str'), ('seed', 'float')]},
     **{('guided_sampling.dps_direction', a, v): 'DPS-step / sampling-study cell edited by another helper: `dps_direction` does not validate this input yet' for a, v in [('x_t', 'rank'), ('x_t', 'str'), ('c0', 'nan'), ('c0', 'inf'), ('c0', 'str'), ('t', 'neg'), ('t', 'float')]},
     **{('counterfactuals.to_f_range', a, v): 'chapter 05 cell rewritten by another helper: `to_f_range` does not validate this input yet' for a, v in [('x', 'nan'), ('x', 'inf'), ('x', 'rank'), ('x', 'empty'), ('x', 'str'), ('f_range', 'nan'), ('f_range', 'inf'), ('f_range', 'str'), ('f_range', '2d'), ('f_range', 'empty'), ('f_range', 'ragged'), ('f_range', 'none')]},
     **{('counterfactuals.check_differentiable', a, v): 'chapter 05 cell rewritten by another helper: `check_differentiable` does not validate this input yet' for a, v in [('x', 'nan'), ('x', 'inf'), ('x', 'rank'), ('x', 'empty'), ('x', 'str'), ('kind', 'unknown'), ('kind', 'int')]},
