@@ -164,7 +164,8 @@ def _fp(h, o, depth, seen):
         try: return put("code", getattr(o, "__qualname__", o.__name__), code_version(o))
         except (ValueError, TypeError, SyntaxError): return put("code", getattr(o, "__module__", ""), getattr(o, "__qualname__", o.__name__))
     put("object", type(o).__module__, type(o).__qualname__)
-    if hasattr(o, "config") and isinstance(getattr(o, "config"), dict): return _fp(h, dict(o.config), depth + 1, seen)   # diffusers
+    if hasattr(o, "config") and isinstance(getattr(o, "config"), dict):   # diffusers: its config ("_" keys are bookkeeping,
+        return _fp(h, {k: v for k, v in o.config.items() if not str(k).startswith("_")}, depth + 1, seen)   # in set order)
     if hasattr(o, "__dict__"): return _fp(h, vars(o), depth + 1, seen)
     return put(_ADDR.sub("", repr(o)))
 

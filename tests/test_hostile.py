@@ -583,3 +583,15 @@ def test_truncated_nifti_names_file_and_subject(tmp_path):
     tab = D.make_brain_phantoms(tmp_path, n_subjects=2, shape=(32, 40, 32))
     t1 = tmp_path/"sub-0001"/"aseg.nii.gz"; t1.write_bytes(t1.read_bytes()[:300])
     with pytest.raises(ValueError, match="aseg.nii.gz of subject sub-0001 is truncated"): D.load_brain_rois(tab, size=16, cache_dir=False)
+
+
+def test_fingerprints_are_stable_across_processes():
+    "A store made by one process must be accepted by the next: fingerprints cannot depend on addresses or set order."
+    import subprocess, sys
+    make = ("import torch; from diffusers import DDPMScheduler; torch.manual_seed(0); lin = torch.nn.Linear(2, 1); "
+            "s = DDPMScheduler(num_train_timesteps=1000, beta_schedule='linear', beta_start=1e-4, beta_end=0.02); "
+            "objs = (s, dict(m=lin, g=torch.Generator().manual_seed(1), f=lambda x: lin(x)))")
+    code = "from diffexplain.data import fingerprint; " + make + "; print(*map(fingerprint, objs))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    ns = {}; exec(make, ns)
+    assert other == [D.fingerprint(o) for o in ns["objs"]]
