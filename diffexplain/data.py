@@ -157,8 +157,8 @@ def _fp(h, o, depth, seen):
         except (ValueError, SyntaxError): put("function", o.__qualname__); src = False   # no readable source (e.g. exec'd)
         if not src or o.__name__ == "<lambda>":                # a lambda's source is its whole line: add its bytecode
             h.update(o.__code__.co_code); put(_ADDR.sub("", repr(o.__code__.co_consts)))
-        cells = [c.cell_contents for c in (o.__closure__ or ()) if _has_contents(c)]
-        glob = {n: o.__globals__[n] for n in sorted(_code_names(o.__code__)) if n in o.__globals__ and _own(o.__globals__[n], o)}
+        cells = [_state(c.cell_contents) for c in (o.__closure__ or ()) if _has_contents(c)]
+        glob = {n: _state(o.__globals__[n]) for n in sorted(_code_names(o.__code__)) if n in o.__globals__ and _own(o.__globals__[n], o)}
         return _fp(h, (o.__defaults__, o.__kwdefaults__, cells, glob), depth + 1, seen)
     if inspect.ismodule(o) or inspect.isclass(o) or inspect.isbuiltin(o):
         try: return put("code", getattr(o, "__qualname__", o.__name__), code_version(o))
@@ -174,6 +174,13 @@ def _own(v, fn) -> bool:
     if inspect.ismodule(v) or inspect.isclass(v) or inspect.isbuiltin(v): return False
     if inspect.isfunction(v): return v.__module__ == fn.__module__
     return True
+
+def _state(v):
+    "What a function's closure/global says about its identity: mutable containers keep only models, arrays and functions (a call counter or a memo cache must not change the fingerprint)."
+    keep = lambda x: torch.is_tensor(x) or isinstance(x, (np.ndarray, torch.nn.Module)) or callable(x) or isinstance(getattr(x, "config", None), dict)
+    if isinstance(v, (list, set, frozenset)): return [x for x in v if keep(x)]
+    if isinstance(v, dict): return {k: x for k, x in v.items() if keep(x)}
+    return v
 
 def _has_contents(cell):
     try: cell.cell_contents; return True
