@@ -494,10 +494,13 @@ class DiffAE(nn.Module):
 # %% ../nbs/02_diffusion.ipynb #1c55cb58
 def ddim_timesteps(num_train_timesteps: int, # T
                    num_steps: int, # number of DDIM steps
-                  ) -> torch.Tensor: # (num_steps,) increasing timesteps from 0 to T - 1
-    "Evenly spaced DDIM grid over the whole chain, 0 ... T - 1 (guided-diffusion's `space_timesteps`, as Diff-AE uses)."
+                   spacing: str = "chain", # chain: 0 ... T - 1 evenly (Diff-AE) | leading: 0, T/n, ..., T - T/n (diffusers' DDIM default)
+                  ) -> torch.Tensor: # (num_steps,) increasing timesteps
+    "Evenly spaced DDIM grid: over the whole chain, 0 ... T - 1 (guided-diffusion's `space_timesteps`, as Diff-AE uses), or diffusers' 'leading' grid."
     if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"`num_steps` must be an int in [1, {num_train_timesteps}], got {num_steps!r}")
+    if spacing not in ("chain", "leading"): raise ValueError(f"`spacing` must be 'chain' or 'leading', got {spacing!r}")
+    if spacing == "leading": return (torch.arange(num_steps)*(num_train_timesteps//num_steps)).long()
     if num_steps == 1: return torch.tensor([num_train_timesteps - 1])
     stride = (num_train_timesteps - 1)/(num_steps - 1)
     return torch.tensor([round(i*stride) for i in range(num_steps)]).long()
@@ -514,9 +517,10 @@ def ddim_encode(eps, # callable eps(x_t, t), e.g. `eps_fn(diffae, z_sem)`
                 num_steps: int = 20, # DDIM steps (the regression paper: 20)
                 progress: bool = False, # tqdm bar
                 clip_x0: bool = True, # clip x0_hat to [-1, 1] at each step (Diff-AE's `clip_denoised`)
+                spacing: str = "chain", # timestep grid (`ddim_timesteps`): chain (ends at T - 1, Diff-AE) | leading
                ) -> torch.Tensor: # x_T, same shape as x0
     "Deterministic DDIM inversion x0 -> x_T (no gradients)."
-    ab = scheduler.alphas_cumprod.to(x0.device, torch.float32); ts = ddim_timesteps(len(ab), num_steps)
+    ab = scheduler.alphas_cumprod.to(x0.device, torch.float32); ts = ddim_timesteps(len(ab), num_steps, spacing)
     levels = [torch.ones((), device=x0.device)] + [ab[t] for t in ts]
     x = x0 # level k holds x at timestep ts[k-1]; level 0 is the clean image
     with torch.no_grad():
@@ -530,9 +534,10 @@ def ddim_decode(eps, # callable eps(x_t, t); gradients flow to whatever it close
                 num_steps: int = 10, # DDIM steps (the regression paper: 10)
                 progress: bool = False, # tqdm bar
                 clip_x0: bool = True, # clip x0_hat to [-1, 1] at each step (Diff-AE's `clip_denoised`; no gradient where clipped)
+                spacing: str = "chain", # timestep grid (`ddim_timesteps`): chain (starts at T - 1, Diff-AE) | leading
                ) -> torch.Tensor: # x0 in [-1, 1] (about, without `clip_x0`), differentiable
     "Deterministic DDIM decoding x_T -> x0, differentiable (the regression paper's 10-step decoder)."
-    ab = scheduler.alphas_cumprod.to(x_T.device, torch.float32); ts = ddim_timesteps(len(ab), num_steps)
+    ab = scheduler.alphas_cumprod.to(x_T.device, torch.float32); ts = ddim_timesteps(len(ab), num_steps, spacing)
     levels = [torch.ones((), device=x_T.device)] + [ab[t] for t in ts]
     x = x_T
     for k in tqdm(range(num_steps, 0, -1), desc="DDIM decode", disable=not progress, leave=False):
