@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 from .data import check_tensor, save_arrays, load_arrays, config_hash
-from .data import fingerprint, open_store, check_int, check_number
+from .data import fingerprint, open_store, check_int, check_number, check_seed, check_choice
 from .data import get_device, make_squares, split_indices, square_eval_grid, code_version
 from .models import EllipseCNN, square_resnet18, Rescaled, train_model, load_or_train, evaluate
 from .diffusion import load_or_train_ddpm, eps_fn, ddim_encode, ddim_decode, linear_schedule
@@ -35,6 +35,18 @@ def to_f_range(x,               # images in [-1, 1]
                f_range=(0., 1.), # (lo, hi) range the model expects
               ):
     "Affinely map images from the diffusion range [-1, 1] to `f_range`."
+    check_tensor(x, "x", ndim=(4, 5)) # (n, C, H, W) images or (n, C, D, H, W) volumes, finite
+    return _affine(x, _check_f_range(f_range))
+
+def _check_f_range(f_range): # -> (lo, hi) as given, after checking they are finite numbers with lo < hi
+    if f_range is None or isinstance(f_range, (str, bytes)):
+        raise TypeError(f"`f_range` must be a pair (lo, hi) of numbers, got {type(f_range).__name__}")
+    try: lo, hi = f_range
+    except (TypeError, ValueError): raise ValueError(f"`f_range` must be a pair (lo, hi) of numbers, got {f_range!r}") from None
+    if check_number(lo, "f_range") >= check_number(hi, "f_range"): raise ValueError(f"`f_range` must have lo < hi, got {f_range!r}")
+    return lo, hi
+
+def _affine(x, f_range): # [-1, 1] -> f_range = (lo, hi), already checked (the methods' inner loops call this, not `to_f_range`)
     lo, hi = f_range
     return lo + (x + 1) * (hi - lo) / 2
 
@@ -76,6 +88,8 @@ def check_differentiable(f,        # model to check
                          kind="regressor", # "regressor" (one output per image) or "classifier" (logits)
                         ):
     "Raise a `ValueError` unless `f(x)` has the right shape and a non-zero gradient w.r.t. `x`."
+    if not torch.is_tensor(x): raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
+    check_tensor(x, "x", ndim=(4, 5)); check_choice(kind, "kind", ("regressor", "classifier"))
     xg = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         y = _call_model(f, xg, name, kind)
@@ -94,6 +108,7 @@ def check_reference(r,           # scalar or (n,) reference values
                     device=None,
                    ) -> torch.Tensor: # (n,) float32
     "Broadcast `r` to `(n,)`, reject NaN, warn when it lies outside the regressor's training range."
+    check_int(n, "n", lo=1)
     r = torch.as_tensor(r, dtype=torch.float32, device=device)
     if r.ndim == 0: r = r.expand(n).clone()
     if r.ndim != 1 or r.shape[0] != n: raise ValueError(f"`r` must be a scalar or have shape ({n},), got {tuple(r.shape)}")
@@ -113,7 +128,7 @@ def respaced_scheduler(scheduler,       # diffusers DDPM/DDIM scheduler of the t
     if not hasattr(scheduler, "config") or not hasattr(scheduler, "alphas_cumprod"):
         raise ValueError(f"`scheduler` must be a diffusers scheduler, got {type(scheduler).__name__}")
     T = scheduler.config.num_train_timesteps
-    if not 1 <= num_steps <= T: raise ValueError(f"`num_steps` must be in [1, {T}], got {num_steps}")
+    check_int(num_steps, "num_steps", lo=1, hi=T)
     s = DDIMScheduler.from_config(scheduler.config)
     s.set_timesteps(num_steps)
     return s
@@ -155,6 +170,11 @@ def change_mask(x,             # (n, C, H, W) original
                 threshold=0.15, # keep changes >= threshold * per-image maximum
                ) -> torch.Tensor: # (n, 1, H, W) float {0, 1}; 1 = region to regenerate
     "ACE's refinement mask: channel-summed |x - x_pre|, normalised by its per-image max, dilated, thresholded."
+    for v, nm in ((x, "x"), (x_pre, "x_pre")):
+        if not torch.is_tensor(v): raise TypeError(f"`{nm}` must be a torch.Tensor, got {type(v).__name__}")
+        check_tensor(v, nm, ndim=4)
+    if x_pre.shape != x.shape: raise ValueError(f"`x_pre` must have the shape of `x` {tuple(x.shape)}, got {tuple(x_pre.shape)}")
+    check_int(dilation, "dilation", lo=0); check_number(threshold, "threshold", 0, 1)
     d = (x - x_pre).abs().sum(1, keepdim=True)
     d = d / d.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
     H, W = d.shape[-2:]
@@ -218,15 +238,17 @@ def acre(x,                     # (n, C, H, W) images in [-1, 1]
     _check_images(x); n = x.shape[0]
     if n == 0: raise ValueError("`x` must hold at least one image, got an empty batch")
     r = check_reference(r, n, train_range, x.device)
-    if max_iter < 0 or step_size < 0: raise ValueError("`max_iter` and `step_size` must be >= 0")
-    if linf is not None and not linf >= 0: raise ValueError(f"`linf` must be None or >= 0, got {linf}")
-    if not 0 < mask_threshold <= 1: raise ValueError(f"`mask_threshold` must be in (0, 1], got {mask_threshold}")
+    check_int(respacing, "respacing", lo=1); check_int(steps, "steps", lo=1); check_int(max_iter, "max_iter", lo=0)
+    check_number(step_size, "step_size", lo=0); check_number(threshold, "threshold", lo=0); check_number(guidance, "guidance")
+    if linf is not None: check_number(linf, "linf", lo=0)
+    check_number(mask_threshold, "mask_threshold", 0, 1, lo_open=True)
+    fr = _check_f_range(f_range)
     if not isinstance(dilation, (int, np.integer)) or dilation < 1 or dilation % 2 == 0:
         raise ValueError(f"`dilation` must be an odd int >= 1, got {dilation!r}")
     if filter_noise not in ("fresh", "fixed"): raise ValueError(f"`filter_noise` must be 'fresh' or 'fixed', got {filter_noise!r}")
     sched = respaced_scheduler(scheduler, respacing); last_timesteps(sched, steps)
-    fx = lambda im: _call_model(f, to_f_range(im, f_range), "f")
-    y_orig = check_differentiable(lambda im: f(to_f_range(im, f_range)), x, "f")
+    fx = lambda im: _call_model(f, _affine(im, fr), "f")
+    y_orig = check_differentiable(lambda im: f(_affine(im, fr)), x, "f")
     _eps(eps, x, int(sched.timesteps[-1]))
     streams = sample_streams(generator, n)
     draw = lambda idx: _randn([streams[i] for i in idx.tolist()], (len(idx), steps + 1, *x.shape[1:]), x).transpose(0, 1)
@@ -292,10 +314,14 @@ def diffae_re(x,                  # (n, C, H, W) images in [-1, 1]
     _check_images(x); n = x.shape[0]
     r = check_reference(r, n, train_range, x.device)
     if distance not in DIFFAE_DISTANCES: raise ValueError(f"`distance` must be one of {list(DIFFAE_DISTANCES)}, got {distance!r}")
+    check_number(lr, "lr", lo=0, lo_open=True); check_int(max_steps, "max_steps", lo=0); check_number(lam, "lam", lo=0)
+    check_number(threshold, "threshold", lo=0); check_number(guidance, "guidance")
+    check_int(decode_steps, "decode_steps", lo=1); check_int(encode_steps, "encode_steps", lo=1)
+    fr = _check_f_range(f_range)
     for m in ("encode_semantic", "encode_stochastic", "decode"):
         if not callable(getattr(ae, m, None)): raise ValueError(f"`ae` must have a callable `{m}` method")
-    y_orig = check_differentiable(lambda im: f(to_f_range(im, f_range)), x, "f")
-    fx = lambda im: _call_model(f, to_f_range(im, f_range), "f")
+    y_orig = check_differentiable(lambda im: f(_affine(im, fr)), x, "f")
+    fx = lambda im: _call_model(f, _affine(im, fr), "f")
     with torch.no_grad():
         try: z0 = ae.encode_semantic(x)
         except RuntimeError as e: raise ValueError(f"`ae.encode_semantic` could not process images of shape {tuple(x.shape)}: {e}") from e
@@ -381,7 +407,8 @@ def diffusion_ce(x,                 # (n, C, H, W) or (n, C, D, H, W) originals 
     n = x.shape[0]; dec = decoder if decoder is not None else (lambda z: z)
     img = dec(x)
     if decoder is not None: _check_images(img, "decoder(x)", ndim=(4, 5))
-    clf = lambda im: classifier(to_f_range(im, f_range))
+    fr = _check_f_range(f_range)
+    clf = lambda im: classifier(_affine(im, fr))
     logits0 = check_differentiable(clf, img, "classifier", kind="classifier")
     d0 = _decision(logits0)
     if target is None:
@@ -418,8 +445,18 @@ def diffusion_ce(x,                 # (n, C, H, W) or (n, C, D, H, W) originals 
     return dict(x_cf=x_t.detach(), logits_orig=logits0, logits_cf=logits, target=target, decision_orig=d0,
                 decision_cf=d1, flipped=d1 == target)
 
+def _check_res(res, keys, name="res"): # -> n: a dict of per-sample results holding `keys`, all with the same n >= 1 rows
+    if not isinstance(res, dict): raise TypeError(f"`{name}` must be a dict of per-sample results (`diffusion_ce`'s output), got {type(res).__name__}")
+    missing = [k for k in keys if k not in res]
+    if missing: raise ValueError(f"`{name}` lacks {missing}: it must hold `diffusion_ce`'s outputs {list(keys)}")
+    lens = {k: (np.shape(res[k])[0] if np.ndim(res[k]) else None) for k in keys}
+    if len(set(lens.values())) != 1 or None in lens.values() or 0 in lens.values():
+        raise ValueError(f"`{name}` entries must hold one row per sample (n >= 1), got lengths {lens}")
+    return next(iter(lens.values()))
+
 def flip_rate(res: dict) -> float:
     "Share of counterfactuals whose decision reached the target class."
+    _check_res(res, ("flipped",))
     return res["flipped"].float().mean().item() if torch.is_tensor(res["flipped"]) else float(np.mean(res["flipped"]))
 
 # %% ../nbs/05_counterfactuals.ipynb #adcb40f6
@@ -447,6 +484,12 @@ def plot_reference_sweep(sweep: dict, # output of `reference_sweep`
                         ):            # matplotlib Figure: reconstruction + CEs, heatmaps below
     "Fig. 4 of the regression paper: CEs per reference value and their mean-channel difference to the reconstruction."
     import matplotlib.pyplot as plt
+    if not isinstance(sweep, dict): raise TypeError(f"`sweep` must be `reference_sweep`'s output (a dict), got {type(sweep).__name__}")
+    missing = [key for key in ("refs", "x_cf", "x_rec", "y_cf") if key not in sweep]
+    if missing: raise ValueError(f"`sweep` lacks {missing}: it must be `reference_sweep`'s output")
+    check_tensor(sweep["refs"], "sweep['refs']", ndim=1)
+    check_tensor(sweep["x_cf"], "sweep['x_cf']", shape=(len(sweep["refs"]), None, None, None))
+    check_tensor(sweep["x_rec"], "sweep['x_rec']", shape=tuple(sweep["x_cf"].shape)); check_tensor(sweep["y_cf"], "sweep['y_cf']", shape=(len(sweep["refs"]),))
     k = len(sweep["refs"]); diff = ((sweep["x_cf"] - sweep["x_rec"]).mean(1).detach().cpu() / 2).numpy()
     v = max(float(np.abs(diff).max()), 1e-6)
     fig, axs = plt.subplots(2, k + 1, figsize=(1.6 * (k + 1), 3.4), squeeze=False)
@@ -504,6 +547,12 @@ def run_batched(fn,                 # a CE method, e.g. `acre`; called as fn(**b
 def ce_summary(res: dict, # `diffusion_ce` output (tensors or arrays): logits_orig, logits_cf, target, flipped
               ) -> dict:  # flip rate, mean p(target) before and after, mean change of log p(target)
     "Model-side numbers of a batch of counterfactuals: did the decision flip, and how far did p(target) move?"
+    n = _check_res(res, ("target", "logits_orig", "logits_cf", "flipped"))
+    for k in ("logits_orig", "logits_cf"): check_tensor(res[k], f"res['{k}']", ndim=(1, 2))
+    if np.shape(res["logits_cf"]) != np.shape(res["logits_orig"]):
+        raise ValueError(f"`res['logits_cf']` must have the shape of `res['logits_orig']` {tuple(np.shape(res['logits_orig']))}, got {tuple(np.shape(res['logits_cf']))}")
+    K = 2 if np.ndim(res["logits_orig"]) == 1 or np.shape(res["logits_orig"])[1] == 1 else np.shape(res["logits_orig"])[1]
+    _check_target(res["target"], n, K, "cpu")
     t = torch.as_tensor(np.asarray(res["target"])).long().reshape(-1)
     lp0, lp1 = [_log_prob_target(torch.as_tensor(np.asarray(res[k])).float(), t) for k in ("logits_orig", "logits_cf")]
     return {"flip rate": float(np.mean(np.asarray(res["flipped"]))), "p(target) before": lp0.exp().mean().item(),
@@ -519,8 +568,11 @@ def plot_ce_pairs(x01,      # (n, C, H, W) originals in [0, 1]
                  ):        # matplotlib Figure: originals (top row) over their counterfactuals (bottom row)
     "Fig. 4 / Fig. 9 of the attribution paper: originals above their diffusion counterfactuals, with the model's probability."
     import matplotlib.pyplot as plt
-    k = min(k, len(x01))
-    if k < 1: raise ValueError("`x01` holds no images to show")
+    check_tensor(x01, "x01", ndim=4, value_range=(0., 1.), empty=True)
+    if len(x01) == 0: raise ValueError("`x01` holds no images to show")
+    n = len(x01); check_tensor(x_cf01, "x_cf01", shape=tuple(np.shape(x01)), value_range=(0., 1.))
+    check_tensor(p_orig, "p_orig", shape=(n,)); check_tensor(p_cf, "p_cf", shape=(n,)); check_int(k, "k", lo=1)
+    k = min(k, n)
     fig, axs = plt.subplots(2, k, figsize=(1.4 * k, 3.5), squeeze=False)
     for i in range(k):
         for r, (im, p) in enumerate(((x01[i], p_orig[i]), (x_cf01[i], p_cf[i]))):
@@ -555,6 +607,11 @@ def ellipse_ce_metrics(x01,    # (n, 1, H, W) originals in [0, 1]
                        floor: float = 0.05, # intensities <= floor count as background in the moment features
                       ) -> dict: # `ce_summary`, L1, changes of the moment features, share of single ellipses
     "`ce_summary` of ellipse counterfactuals and what they changed: L1 distance, log aspect ratio (towards the target class), size."
+    check_tensor(x01, "x01", ndim=4, shape=(None, 1, None, None), value_range=(0., 1.))
+    check_tensor(x_cf01, "x_cf01", shape=tuple(np.shape(x01)), value_range=(0., 1.))
+    if _check_res(res, ("target", "logits_orig", "logits_cf", "flipped")) != len(x01):
+        raise ValueError(f"`res` must hold one row per image of `x01` ({len(x01)}), got {np.shape(res['target'])[0]}")
+    check_number(floor, "floor", 0, 1, hi_open=True)
     lar0, area0, _ = _ellipse_features(x01, floor)
     lar1, area1, xf = _ellipse_features(x_cf01, floor)
     sign = 2 * np.asarray(res["target"]).reshape(-1) - 1          # class 1 = the elongated ellipses
@@ -782,9 +839,9 @@ def mean_ci(v,                # (n,) per-image values
             seed: int = 0,    # resampling seed
            ) -> tuple:        # (lo, hi) percentile bootstrap interval of the mean
     "Percentile bootstrap interval of the mean of per-image values."
+    check_tensor(v, "v", ndim=1) # (n,) finite numbers, n >= 1
+    check_int(n_boot, "n_boot", lo=1); check_number(level, "level", 0, 1, lo_open=True, hi_open=True); check_seed(seed)
     v = np.asarray(v, dtype=np.float64).reshape(-1)
-    if len(v) == 0 or not np.isfinite(v).all(): raise ValueError("`v` must be a non-empty array of finite values")
-    if not 0 < level < 1: raise ValueError(f"`level` must be in (0, 1), got {level}")
     means = v[np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))].mean(1)
     return tuple(float(q) for q in np.quantile(means, [(1 - level) / 2, (1 + level) / 2]))
 
@@ -826,13 +883,17 @@ def square_counterfactual_eval(setup: dict,          # output of `square_setup`
                                **overrides,          # AC-RE / Diff-AE-RE hyperparameters replacing the profile's (e.g. filter_noise="fixed")
                               ) -> dict: # table {row: metrics}, ci {row: {metric: (lo, hi)}}, per_image, raw outputs, seconds, x01, mask
     "Explain the square grid with AC-RE (and Diff-AE-RE): square MAE, background MAE (+ L1 diagnostic), |f - r| and success, with bootstrap intervals."
+    if not isinstance(setup, dict): raise TypeError(f"`setup` must be `square_setup`'s output (a dict), got {type(setup).__name__}")
+    missing = [k for k in ("hp", "device", "seed", "f", "eps", "scheduler", "train_range") if k not in setup]
+    if missing: raise ValueError(f"`setup` lacks {missing}: it must be `square_setup`'s output")
+    if isinstance(methods, str) or not set(methods) <= {"AC-RE", "Diff-AE-RE"} or not len(methods):
+        raise ValueError(f"`methods` must be a non-empty list among ['AC-RE', 'Diff-AE-RE'], got {methods!r}")
+    check_int(n_boot, "n_boot", lo=1)
     P = {**setup["hp"], **overrides}; dev = torch.device(setup["device"])
     grid = square_eval_set(P["size"], P["n_eval"] if n_eval == -1 else n_eval, setup["seed"], indices)
     x01 = torch.from_numpy(grid["images"]).float(); x = (x01 * 2 - 1).to(dev)
     r = torch.from_numpy(np.asarray(grid["reference"])).float().to(dev)
     thr = P["threshold"]; table, ci, per_image, raw, secs = {}, {}, {}, {}, {}
-    unknown = set(methods) - {"AC-RE", "Diff-AE-RE"}
-    if unknown: raise ValueError(f"`methods` must be among ['AC-RE', 'Diff-AE-RE'], got {sorted(unknown)}")
     to01 = lambda a: torch.from_numpy(np.asarray(a)).float().add(1).div(2).clamp(0, 1)
     sub = lambda name: None if store_dir is None else Path(store_dir)/name
     def row(name, x_cf, y):

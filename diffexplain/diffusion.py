@@ -17,7 +17,7 @@ from diffusers.optimization import get_scheduler
 from accelerate import Accelerator
 from .data import (seed_everything, get_device, cache_path, config_hash, atomic_write, check_tensor,
                               save_arrays, load_arrays, make_ellipses, make_squares, moment_log_ar,
-                              moment_area, code_version)
+                              moment_area, code_version, check_int, check_number)
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'UNET_PROFILES', 'PAPER_PARAMS', 'DDPM_PROFILES', 'SQUARE_DIFFAE_PROFILES', 'UNET3D_PROFILES',
@@ -29,16 +29,20 @@ __all__ = ['SCHEDULES', 'UNET_PROFILES', 'PAPER_PARAMS', 'DDPM_PROFILES', 'SQUAR
            'monai_scheduler', 'sample_latent', 'decode_latent']
 
 # %% ../nbs/02_diffusion.ipynb #6cf4ece2
+def _check_linear_betas(num_train_timesteps, beta_start, beta_end):
+    "Refuse a linear-beta schedule unless T >= 2 is an int and 0 < beta_start < beta_end < 1 (errors name the argument)."
+    check_int(num_train_timesteps, "num_train_timesteps", lo=2)
+    b0 = check_number(beta_start, "beta_start", 0, 1, lo_open=True, hi_open=True)
+    b1 = check_number(beta_end, "beta_end", 0, 1, lo_open=True, hi_open=True)
+    if not b0 < b1: raise ValueError(f"`beta_start` and `beta_end` must satisfy 0 < beta_start < beta_end < 1, got {beta_start}, {beta_end}")
+
 def make_scheduler(num_train_timesteps: int = 1000, # T, number of diffusion steps
                    beta_start: float = 0.0015, # beta_1 of the linear schedule
                    beta_end: float = 0.0205, # beta_T of the linear schedule
                    clip_sample: bool = True, # clip x0_hat to [-1, 1] in each reverse step (DDPM)
                   ) -> DDPMScheduler: # linear-beta, epsilon-prediction, "fixed_small" variance
     "The attribution paper's DDPM noise schedule as a diffusers `DDPMScheduler`."
-    if not isinstance(num_train_timesteps, (int, np.integer)) or num_train_timesteps < 2:
-        raise ValueError(f"`num_train_timesteps` must be an int >= 2, got {num_train_timesteps!r}")
-    if not 0 < beta_start < beta_end < 1:
-        raise ValueError(f"`beta_start` and `beta_end` must satisfy 0 < beta_start < beta_end < 1, got {beta_start}, {beta_end}")
+    _check_linear_betas(num_train_timesteps, beta_start, beta_end)
     return DDPMScheduler(num_train_timesteps=int(num_train_timesteps), beta_start=beta_start, beta_end=beta_end,
                          beta_schedule="linear", prediction_type="epsilon", variance_type="fixed_small",
                          clip_sample=clip_sample)
@@ -94,6 +98,7 @@ def make_unet2d(profile: str = "ellipse", # one of `UNET_PROFILES`: tiny | small
 
 def n_params(model: nn.Module) -> int:
     "Number of parameters of `model`."
+    if not isinstance(model, nn.Module): raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
     return sum(p.numel() for p in model.parameters())
 
 # %% ../nbs/02_diffusion.ipynb #b0b62b6c
@@ -108,6 +113,8 @@ def eps_fn(unet: nn.Module, # a `UNet2DModel` (or any module returning `.sample`
            cond: torch.Tensor|None = None, # extra conditioning passed as the model's third argument (Diff-AE z_sem)
           ): # callable eps(x_t, t) -> (n, C, H, W) noise prediction
     "Wrap a network as the `eps(x_t, t)` function that samplers and guidance call."
+    if not callable(unet): raise TypeError(f"`unet` must be a network (a callable nn.Module), got {type(unet).__name__}")
+    if cond is not None and not torch.is_tensor(cond): raise TypeError(f"`cond` must be None or a tensor, got {type(cond).__name__}")
     def eps(x_t, t):
         tt = _as_timesteps(t, x_t.shape[0], x_t.device)
         out = unet(x_t, tt) if cond is None else unet(x_t, tt, cond)
@@ -116,13 +123,15 @@ def eps_fn(unet: nn.Module, # a `UNet2DModel` (or any module returning `.sample`
 
 def to_model_range(x01): # images in [0, 1]
     "Map images from [0, 1] to the model range [-1, 1]."
-    check_tensor(x01, "x01", value_range=(0.0, 1.0))
+    check_tensor(x01, "x01", ndim=(4, 5), value_range=(0.0, 1.0)) # (n, C, H, W) images or (n, C, D, H, W) volumes
     return x01*2 - 1
 
 def from_model_range(x, # images in (about) [-1, 1]
                      clamp: bool = True, # clamp to [0, 1] (turn off to keep gradients at the borders)
                     ):
     "Map images from the model range [-1, 1] back to [0, 1]."
+    if not torch.is_tensor(x): raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
+    check_tensor(x, "x", ndim=(4, 5)) # (n, C, H, W) or (n, C, D, H, W), finite
     y = (x + 1)/2
     return y.clamp(0, 1) if clamp else y
 
@@ -139,6 +148,7 @@ def sample(eps, # callable eps(x_t, t) -> noise prediction
           ) -> torch.Tensor: # (n, C, H, W) samples in [-1, 1]
     "Draw samples with plain ancestral DDPM sampling."
     if len(shape) < 3: raise ValueError(f"`shape` must be (n, C, ...) with at least 3 entries, got {shape!r}")
+    if num_inference_steps is not None: check_int(num_inference_steps, "num_inference_steps", lo=1, hi=scheduler.config.num_train_timesteps)
     sched = copy.deepcopy(scheduler)
     sched.set_timesteps(num_inference_steps or sched.config.num_train_timesteps)
     x = (torch.randn(shape, generator=generator) if x_T is None else check_tensor(x_T, "x_T", shape=tuple(shape)).clone()).to(device)
@@ -157,12 +167,14 @@ def _jsonable(d): return json.loads(json.dumps(d, sort_keys=True, default=str))
 
 def model_config(model: nn.Module) -> dict:
     "A JSON-able description of a model's architecture (its diffusers/own `config`, else its class and size)."
+    if not isinstance(model, nn.Module): raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
     cfg = getattr(model, "config", None)
     if cfg is not None: return _jsonable({k: v for k, v in dict(cfg).items() if not k.startswith("_")} | {"class": type(model).__name__})
     return {"class": type(model).__name__, "n_params": n_params(model)}
 
 def data_fingerprint(images) -> dict: # shape and content hash of a training set
     "Identify a training set by shape and a hash of its bytes."
+    check_tensor(images, "images", ndim=(4, 5)) # (N, C, H, W) images or (N, C, D, H, W) volumes, finite, not empty
     a = np.ascontiguousarray(images.detach().cpu().numpy() if torch.is_tensor(images) else np.asarray(images))
     import hashlib
     return {"shape": list(a.shape), "dtype": str(a.dtype), "sha1": hashlib.sha1(a.tobytes()).hexdigest()[:12]}
@@ -206,6 +218,8 @@ def save_grid(images01: torch.Tensor, # (n, C, H, W) in [0, 1]
              ) -> Path:
     "Save a grid of images as PNG (atomically)."
     from torchvision.utils import save_image
+    if not torch.is_tensor(images01): raise TypeError(f"`images01` must be a torch.Tensor, got {type(images01).__name__}")
+    check_tensor(images01, "images01", ndim=4, value_range=(0.0, 1.0)); check_int(nrow, "nrow", lo=1)
     return atomic_write(path, lambda tmp: save_image(images01.float().cpu(), str(tmp), nrow=nrow, format="png"))
 
 def train_diffusion(model: nn.Module, # epsilon-model: `UNet2DModel`, or a model with `conditions_on_x0 = True`
@@ -355,8 +369,9 @@ def ellipse_check(images01, # (n, 1, H, W) images in [0, 1]
                  ) -> np.ndarray: # (n,) bool: the image shows a single filled ellipse
     "Threshold-and-fit check: does each image show exactly one filled ellipse?"
     from skimage.measure import label, regionprops
+    check_tensor(images01, "images01", ndim=4, shape=(None, 1, None, None))
+    check_number(threshold, "threshold", 0, 1); check_int(min_area, "min_area", lo=0); check_number(fill_tol, "fill_tol", lo=0)
     x = np.asarray(images01.detach().cpu() if torch.is_tensor(images01) else images01, dtype=np.float32)
-    check_tensor(x, "images01", ndim=4, shape=(None, 1, None, None))
     ok = np.zeros(len(x), bool)
     for i, img in enumerate(x[:, 0]):
         regs = regionprops(label(img > threshold, connectivity=2))
@@ -371,9 +386,9 @@ def ellipse_quality(samples01, # (n, 1, H, W) generated images in [0, 1]
                    ) -> dict: # fractions of single ellipses and of empty samples, KS statistics and moments of the features
     "Quality numbers for an ellipse generator: shape check and feature distributions against the data."
     from scipy.stats import ks_2samp
+    for x, nm in ((samples01, "samples01"), (real01, "real01")): check_tensor(x, nm, ndim=4, shape=(None, 1, None, None))
+    check_number(floor, "floor", 0, 1, hi_open=True)
     xs, xr = [torch.as_tensor(np.asarray(x.detach().cpu() if torch.is_tensor(x) else x, dtype=np.float32)) for x in (samples01, real01)]
-    for x, nm in ((xs, "samples01"), (xr, "real01")): check_tensor(x, nm, ndim=4, shape=(None, 1, None, None))
-    if not 0 <= floor < 1: raise ValueError(f"`floor` must be in [0, 1), got {floor!r}")
     def feats(fn, x): # features of images with at least one pixel of mass; degenerate ones (a line, a point) dropped
         x = x[x.clamp_min(0).sum((1, 2, 3)) >= 1]; v = fn(x).numpy() if len(x) else np.zeros(0)
         return v[np.isfinite(v)]
@@ -497,6 +512,7 @@ def ddim_timesteps(num_train_timesteps: int, # T
                    spacing: str = "chain", # chain: 0 ... T - 1 evenly (Diff-AE) | leading: 0, T/n, ..., T - T/n (diffusers' DDIM default)
                   ) -> torch.Tensor: # (num_steps,) increasing timesteps
     "Evenly spaced DDIM grid: over the whole chain, 0 ... T - 1 (guided-diffusion's `space_timesteps`, as Diff-AE uses), or diffusers' 'leading' grid."
+    check_int(num_train_timesteps, "num_train_timesteps", lo=1)
     if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"`num_steps` must be an int in [1, {num_train_timesteps}], got {num_steps!r}")
     if spacing not in ("chain", "leading"): raise ValueError(f"`spacing` must be 'chain' or 'leading', got {spacing!r}")
@@ -504,6 +520,10 @@ def ddim_timesteps(num_train_timesteps: int, # T
     if num_steps == 1: return torch.tensor([num_train_timesteps - 1])
     stride = (num_train_timesteps - 1)/(num_steps - 1)
     return torch.tensor([round(i*stride) for i in range(num_steps)]).long()
+
+def _check_batch(x, name): # a finite (n, C, H, W) tensor with n >= 1
+    if not torch.is_tensor(x): raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+    return check_tensor(x, name, ndim=4)
 
 def _ddim_move(x, e, ab_t, ab_s, clip):
     x0_hat = (x - (1 - ab_t).sqrt()*e)/ab_t.sqrt()
@@ -520,6 +540,7 @@ def ddim_encode(eps, # callable eps(x_t, t), e.g. `eps_fn(diffae, z_sem)`
                 spacing: str = "chain", # timestep grid (`ddim_timesteps`): chain (ends at T - 1, Diff-AE) | leading
                ) -> torch.Tensor: # x_T, same shape as x0
     "Deterministic DDIM inversion x0 -> x_T (no gradients)."
+    _check_batch(x0, "x0")
     ab = scheduler.alphas_cumprod.to(x0.device, torch.float32); ts = ddim_timesteps(len(ab), num_steps, spacing)
     levels = [torch.ones((), device=x0.device)] + [ab[t] for t in ts]
     x = x0 # level k holds x at timestep ts[k-1]; level 0 is the clean image
@@ -537,6 +558,7 @@ def ddim_decode(eps, # callable eps(x_t, t); gradients flow to whatever it close
                 spacing: str = "chain", # timestep grid (`ddim_timesteps`): chain (starts at T - 1, Diff-AE) | leading
                ) -> torch.Tensor: # x0 in [-1, 1] (about, without `clip_x0`), differentiable
     "Deterministic DDIM decoding x_T -> x0, differentiable (the regression paper's 10-step decoder)."
+    _check_batch(x_T, "x_T")
     ab = scheduler.alphas_cumprod.to(x_T.device, torch.float32); ts = ddim_timesteps(len(ab), num_steps, spacing)
     levels = [torch.ones((), device=x_T.device)] + [ab[t] for t in ts]
     x = x_T
@@ -652,6 +674,11 @@ def make_autoencoder3d(channels: tuple = (32, 64), # widths; one ×2 downsamplin
                       ):
     "MONAI 3D `AutoencoderKL` of the attribution paper (no attention blocks)."
     from monai.networks.nets import AutoencoderKL
+    if isinstance(channels, (str, bytes)) or not isinstance(channels, (tuple, list)) or len(channels) == 0:
+        raise ValueError(f"`channels` must be a non-empty tuple of positive ints, got {channels!r}")
+    for c in channels: check_int(c, "channels", lo=1)
+    for nm, v in dict(latent_channels=latent_channels, norm_num_groups=norm_num_groups, in_channels=in_channels).items(): check_int(v, nm, lo=1)
+    for v in (num_res_blocks if isinstance(num_res_blocks, (tuple, list)) else [num_res_blocks]): check_int(v, "num_res_blocks", lo=1)
     if any(c % norm_num_groups for c in channels): raise ValueError(f"`norm_num_groups`={norm_num_groups} must divide every entry of `channels`={channels}")
     return AutoencoderKL(spatial_dims=3, in_channels=in_channels, out_channels=in_channels, channels=tuple(channels),
                          latent_channels=latent_channels, num_res_blocks=num_res_blocks, norm_num_groups=norm_num_groups,
@@ -734,6 +761,8 @@ class LatentTransform(nn.Module):
     def __init__(self, ae, # trained MONAI AutoencoderKL (frozen here)
                  scale_factor: float, # s = 1/std(z), from `latent_scale_factor`
                 ):
+        check_number(scale_factor, "scale_factor", lo=0, lo_open=True)
+        if not isinstance(ae, nn.Module): raise TypeError(f"`ae` must be a MONAI AutoencoderKL (an nn.Module), got {type(ae).__name__}")
         super().__init__(); self.ae, self.scale_factor = ae.eval(), float(scale_factor)
         for p in self.ae.parameters(): p.requires_grad_(False)
         self.config = dict(scale_factor=round(self.scale_factor, 6), ae=config_hash({k: config_hash(v.cpu().numpy().tobytes().hex()[:4096])
@@ -754,6 +783,7 @@ def latent_scale_factor(ae, # trained MONAI AutoencoderKL
 
 def monai_scheduler(num_train_timesteps: int = 1000, beta_start: float = 0.0015, beta_end: float = 0.0205):
     "MONAI `DDPMScheduler` with the same linear β as `make_scheduler`."
+    _check_linear_betas(num_train_timesteps, beta_start, beta_end)
     from monai.networks.schedulers import DDPMScheduler as MonaiDDPM
     return MonaiDDPM(num_train_timesteps=num_train_timesteps, schedule="linear_beta", beta_start=beta_start,
                      beta_end=beta_end, clip_sample=False)
@@ -767,7 +797,12 @@ def sample_latent(ae, unet, # trained MONAI AutoencoderKL and DiffusionModelUNet
                  ) -> torch.Tensor: # (n, 1, D, H, W) volumes in [0, 1]
     "Sample volumes with MONAI's `LatentDiffusionInferer` (decoder included)."
     from monai.inferers import LatentDiffusionInferer
-    sched = monai_scheduler(); sched.set_timesteps(num_inference_steps)
+    check_number(scale_factor, "scale_factor", lo=0, lo_open=True)
+    if not isinstance(latent_shape, (tuple, list, torch.Size)) or len(latent_shape) not in (4, 5):
+        raise ValueError(f"`latent_shape` must be (n, C, d, h, w) (or (n, C, h, w)), got {latent_shape!r}")
+    for s in latent_shape: check_int(s, "latent_shape", lo=1)
+    sched = monai_scheduler(); check_int(num_inference_steps, "num_inference_steps", lo=1, hi=sched.num_train_timesteps)
+    sched.set_timesteps(num_inference_steps)
     inf = LatentDiffusionInferer(sched, scale_factor=scale_factor)
     dev = next(unet.parameters()).device
     noise = torch.randn(latent_shape, generator=generator).to(dev)
@@ -778,4 +813,7 @@ def decode_latent(ae, # MONAI AutoencoderKL
                   scale_factor: float, # from `latent_scale_factor`
                  ) -> torch.Tensor: # (n, 1, D, H, W) volumes in about [-1, 1], differentiable
     "Differentiable decoding of scaled latents, for guidance through the decoder."
+    check_number(scale_factor, "scale_factor", lo=0, lo_open=True)
+    if not torch.is_tensor(z_scaled): raise TypeError(f"`z_scaled` must be a torch.Tensor, got {type(z_scaled).__name__}")
+    check_tensor(z_scaled, "z_scaled", ndim=(4, 5))
     return ae.decode_stage_2_outputs(z_scaled/scale_factor)
