@@ -713,10 +713,10 @@ def ddim_invert(eps_fn: Callable, # eps(x_t, t), `t` a (n,) LongTensor
                 x0, # (n, C, *spatial) images in [-1, 1] (or latents)
                 num_steps: int = 50, # DDIM steps
                ) -> torch.Tensor: # (n, ...) x_T whose DDIM decode gives back x0
-    "Deterministic DDIM encoding x0 → x_T: chapter 02's `ddim_encode` (unclipped), for this chapter's eps(x_t, t) and 2D or 3D data."
+    "Deterministic DDIM encoding x0 → x_T: chapter 02's `ddim_encode` (unclipped) on diffusers' 'leading' grid, the grid `ddim_scheduler` decodes on."
     x = check_tensor(x0, "x0", ndim=(4, 5)).float(); check_int(num_steps, "num_steps", lo=1)
     return ddim_encode(lambda x_t, t: eps_fn(x_t, _tvec(t, len(x_t), x_t.device)), x, scheduler, num_steps=int(num_steps),
-                       clip_x0=False)
+                       clip_x0=False, spacing="leading")
 
 def guided_edit(eps_fn: Callable, # eps(x_t, t)
                 scheduler, # diffusers scheduler (its config is reused for DDIM)

@@ -246,10 +246,10 @@ def test_ddim_invert_matches_diffusion_ddim_encode(model):
     x0 = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
     with torch.no_grad():
         x_T = ddim_invert(eps, sched, x0, 25)
-        torch.testing.assert_close(x_T, ddim_encode(eps, x0, sched, 25, clip_x0=False), atol=1e-6, rtol=0)
+        torch.testing.assert_close(x_T, ddim_encode(eps, x0, sched, 25, clip_x0=False, spacing="leading"), atol=1e-6, rtol=0)
         assert not torch.allclose(x_T, x0, atol=1e-2) # it did encode
         dec = constrained_sample(eps, ddim_scheduler(sched), x0.shape, x_T=x_T, num_steps=25, step_kwargs=dict(eta=0.0))
-        torch.testing.assert_close(dec, ddim_decode(eps, x_T, sched, 25, clip_x0=False), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dec, ddim_decode(eps, x_T, sched, 25, clip_x0=False, spacing="leading"), atol=1e-5, rtol=1e-5)
 
 
 # --- the few-step validation can reject (issue 15) ------------------------------------------------------------------
