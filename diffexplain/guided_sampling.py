@@ -109,6 +109,9 @@ def dps_direction(x_t, # (n, ...) noisy samples at step t
                  ) -> tuple: # (direction (n, ...), eps (n, ...) detached, g(x̂0) detached)
     "Normalised gradient of ‖c0 − g(x̂0)‖² w.r.t. x_t (Eq. 8, last line), per sample or over the batch, with the ε it used."
     if norm not in ("sample", "batch"): raise ValueError(f"`norm` must be 'sample' or 'batch', got {norm!r}")
+    x_t = check_tensor(x_t, "x_t", ndim=(4, 5)); check_tensor(c0, "c0") # images (n, C, H, W) or volumes (n, C, D, H, W); finite c0
+    if torch.is_tensor(t) and t.ndim == 0 and not t.is_floating_point(): t = int(t) # a scheduler's timestep
+    t = check_int(t, "t", lo=0)
     n = x_t.shape[0]
     with torch.enable_grad(), torch.autocast(x_t.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
         x = x_t.detach().requires_grad_(True)
@@ -502,9 +505,19 @@ def sampling_study(eps_fn: Callable, # eps(x_t, t)
         rows.append(row)
     return pd.DataFrame(rows)
 
+def _check_study(study, cols, name="study"):
+    "A non-empty DataFrame from `sampling_study` with the columns `cols`, or a ValueError/TypeError naming `name`."
+    import pandas as pd
+    if not isinstance(study, pd.DataFrame): raise TypeError(f"`{name}` must be a pandas DataFrame from `sampling_study`, got {type(study).__name__}")
+    miss = [k for k in cols if k not in study.columns]
+    if miss or not len(study): raise ValueError(f"`{name}` must be a non-empty `sampling_study` table with columns {list(cols)}; "
+                                                f"it has {len(study)} rows" + (f" and lacks {miss}" if miss else ""))
+    return study
+
 def best_rho(study, # DataFrame from `sampling_study`
             ): # one row per number of steps: the ρ with the lowest constraint error
     "The re-tuned ρ for each number of steps."
+    _check_study(study, ("steps", "rho", "err"))
     return study.loc[study.groupby("steps")["err"].idxmin()].sort_values("steps", ascending=False).reset_index(drop=True)
 
 def convergence_chain(drift: float, # total guidance drift ρ·steps held fixed along the chain
@@ -611,6 +624,7 @@ def plot_sampling_study(study, # DataFrame from `sampling_study`
                         ref_steps: int|None = None, # reference row, drawn as its estimate and 95% band
                        ):
     "The few-step trade-off: steps vs constraint error, score (if present) and time; colour = ρ."
+    _check_study(study, ("steps", "rho", "err", "err_lo", "err_hi"))
     import matplotlib.pyplot as plt
     cols = [("err", "mean |g(x) − c0|")] + ([("score", "global score")] if "score" in study and study["score"].notna().any() else [])
     fig, ax = plt.subplots(1, len(cols) + 1, figsize=(3.1*(len(cols) + 1), 2.7), dpi=72, constrained_layout=True)

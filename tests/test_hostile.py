@@ -309,13 +309,10 @@ EXEMPT = {   # public names that are not functions to attack, with the reason
 
 
 KNOWN_GAPS = {   # (row, argument, variant): reason -- xfail(strict=True): fixing one makes its case XPASS and fail, so remove it here
-    **{('guided_sampling.dps_direction', a, v): 'DPS-step / sampling-study cell edited by another helper: `dps_direction` does not validate this input yet' for a, v in [('x_t', 'rank'), ('x_t', 'str'), ('c0', 'nan'), ('c0', 'inf'), ('c0', 'str'), ('t', 'neg'), ('t', 'float')]},
 }
 DRIVER_GAPS = {   # driver: reason (xfail strict)
     'diffusion.SemanticEncoder': '`SemanticEncoder(in_channels=0)` is not refused up front; its source is hashed into the cache key of the '
                                   'trained Diff-AE models (`square_diffae`), so validating it would orphan them: left for a retraining',
-    'guided_sampling.plot_sampling_study': 'DPS-step / sampling-study cell edited by another helper: `plot_sampling_study` does not validate this input yet',
-    'guided_sampling.best_rho': 'DPS-step / sampling-study cell edited by another helper: `best_rho` does not validate this input yet',
 }
 
 
