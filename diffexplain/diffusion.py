@@ -521,9 +521,9 @@ def ddim_timesteps(num_train_timesteps: int, # T
     stride = (num_train_timesteps - 1)/(num_steps - 1)
     return torch.tensor([round(i*stride) for i in range(num_steps)]).long()
 
-def _check_batch(x, name): # a finite (n, C, H, W) tensor with n >= 1
+def _check_batch(x, name): # a finite (n, C, H, W) image or (n, C, D, H, W) volume batch with n >= 1
     if not torch.is_tensor(x): raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
-    return check_tensor(x, name, ndim=4)
+    return check_tensor(x, name, ndim=(4, 5))
 
 def _ddim_move(x, e, ab_t, ab_s, clip):
     x0_hat = (x - (1 - ab_t).sqrt()*e)/ab_t.sqrt()

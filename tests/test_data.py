@@ -69,7 +69,7 @@ def test_make_ellipses_cached_and_deterministic(ellipses, monkeypatch):
 
 
 def test_moment_features_agree_with_true_factors(ellipses):
-    e, _, _ = ellipses
+    e, _ = ellipses
     x = torch.tensor(e["images"])
     lar, area = moment_log_ar(x).numpy(), moment_area(x).numpy()
     assert np.corrcoef(lar, e["log_ar"])[0, 1] > 0.999
@@ -108,7 +108,7 @@ def test_splits():
 
 
 def test_tensor_dataset_with_split(ellipses):
-    e, _, _ = ellipses
+    e, _ = ellipses
     tr = split_indices(len(e["label"]))["train"]
     ds = tensor_dataset(e, ("images", "label"), idx=tr, dtypes={"label": torch.float32})
     assert len(ds) == 7_000 and ds[0][1].dtype == torch.float32
