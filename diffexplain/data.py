@@ -68,8 +68,10 @@ def _strip_docstrings(tree):
 
 def code_version(*objs, # functions, classes or modules whose code determines an artefact
                 ) -> str: # 10 hex digits; changes when what the code does changes, not with comments or formatting
-    "Fingerprint of the code of `objs` (their syntax trees without docstrings), for cache keys and run records."
+    "Fingerprint of the code of `objs` (their syntax trees without docstrings; a class by its own functions), for cache keys and run records."
     if not objs: raise ValueError("`code_version` needs at least one function, class or module")
+    # a class counts by its own functions, in name order: a class defined in a notebook cell has no source file to read
+    objs = [f for o in objs for f in ([v for _, v in sorted(vars(o).items()) if inspect.isfunction(v)] if isinstance(o, type) else [o])]
     h = hashlib.sha1()
     for o in objs:
         try: src = inspect.getsource(o)

@@ -590,10 +590,6 @@ def _dark_bright_pair(size, seed):
     f = 64//size
     return _pool(torch.from_numpy(img/np.float32(255)), f), _pool(torch.from_numpy(mask.astype(np.float32)), f) > 0.999
 
-def _code_of(*objs): # code_version of functions and of classes' own methods (a class defined in a notebook cell has no source file)
-    fns = [f for o in objs for f in ([v for _, v in sorted(vars(o).items()) if inspect.isfunction(v)] if isinstance(o, type) else [o])]
-    return code_version(*fns)
-
 def square_diffae(profile: str = "quick", # "smoke" | "quick" | "paper" (see `SQUARE_DIFFAE_PROFILES`)
                   cache_dir: str|Path|None = None, # checkpoints and metrics live here (default `default_cache_dir()`)
                   seed: int = 0, # data and training seed
@@ -614,7 +610,7 @@ def square_diffae(profile: str = "quick", # "smoke" | "quick" | "paper" (see `SQ
         sk = linear_schedule(**p["schedule"]) # the profile's noise schedule (the regression paper: guided-diffusion's linear, T = 1000)
         arch = dict(profile=p["unet"], in_channels=3, sample_size=p["size"], z_dim=512, enc_channels=tuple(p["enc_channels"]),
                     enc_pool="flatten", prediction="v" if p["objective"] == "v" else "eps", schedule=sk) # in the cache key (cfg)
-        cfg = dict(arch=arch, seed=seed, data=data_fingerprint(train), code=_code_of(DiffAE, SemanticEncoder, make_unet2d, train_diffusion, _call),
+        cfg = dict(arch=arch, seed=seed, data=data_fingerprint(train), code=code_version(DiffAE, SemanticEncoder, make_unet2d, train_diffusion, _call),
                    **{k: v for k, v in p.items() if k not in ("enc_channels", "n_test", "schedule")})
         root = cache_path(f"square-diffae-{profile}", cfg, cache_dir); final = root/f"ema-step{p['steps']}"
         dev = get_device(device); sched = make_scheduler(**sk)

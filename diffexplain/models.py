@@ -385,9 +385,8 @@ ELLIPSE_TARGETS = {"classifier": ("label", "binary", 0.), "log_ar": ("log_ar", "
 
 _TRAIN_CODE = ("train_model", "l2_penalty", "_loss", "evaluate", "predict") # the training loop, in every model cache key
 
-def _code(*names): # `code_version` of this chapter's functions/classes, read from the exported module (works in notebooks too)
-    import diffexplain.models as m
-    return code_version(*(getattr(m, k) for k in names))
+def _code(*names): # `code_version` of this chapter's functions/classes, by name
+    return code_version(*(globals()[k] for k in names))
 
 def ellipse_models(profile: str = "quick", # "smoke" | "quick" | "paper" (see `ELLIPSE_PROFILES`)
                    cache_dir: str|Path|None = None, # data and checkpoints live here (default `default_cache_dir()`)
