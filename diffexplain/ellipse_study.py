@@ -19,105 +19,14 @@ from .models import ellipse_models, ELLIPSE_PROFILES, EllipseCNN
 from .diffusion import ellipse_ddpm, eps_fn, make_scheduler
 from .guided_sampling import (SAMPLER_PROFILES, constrained_sweep, constrained_sample, feature_stats,
                                          acceptance_rates, sample_seeds, target_file, gaussian_eps)
-from .scores import scores_from_sweep, score_test
+from .scores import (scores_from_sweep, score_test, attribution_study, study_targets, sampler_feature,
+                                sampler_decision, constraint_errors)
 from .metrics import coverage, embed, vgg16_embedding
 
 # %% auto #0
-__all__ = ['TOY', 'ELLIPSE_FEATURES', 'STUDY_PROFILES', 'sampler_feature', 'sampler_decision', 'study_targets',
-           'constraint_errors', 'attribution_study', 'toy_decision', 'gaussian_toy_study', 'ellipse_test_features',
+__all__ = ['TOY', 'ELLIPSE_FEATURES', 'STUDY_PROFILES', 'toy_decision', 'gaussian_toy_study', 'ellipse_test_features',
            'ellipse_attribution', 'plain_samples', 'ellipse_plain_samples', 'classifier_features', 'coverage_encoder',
            'accepted_images', 'coverage_table', 'plot_target_vs_result', 'sample_rows', 'plot_sample_rows']
-
-# %% ../nbs/08_ellipse_study.ipynb #273fd252
-def _clamp01_st(x): # forward: clamp to [0, 1]; backward: identity (straight-through)
-    return x + (x.clamp(0, 1) - x).detach()
-
-def sampler_feature(model: Callable, # regressor on images in [0, 1]: (n, 1, H, W) -> (n, 1) or (n,)
-                    clamp: bool = True, # straight-through clamp to [0, 1] before the model
-                   ) -> Callable: # g(x): (n, 1, H, W) in [-1, 1] -> (n,), differentiable
-    "A [0, 1]-image regressor as the feature map g of the guided sampler, which works on [-1, 1] images."
-    if not callable(model): raise ValueError(f"`model` must be callable, got {type(model).__name__}")
-    def g(x):
-        x01 = (x + 1)/2
-        return model(_clamp01_st(x01) if clamp else x01).reshape(len(x), -1)[:, 0]
-    return g
-
-def sampler_decision(model: Callable, # classifier on images in [0, 1] returning logits (n, 1) or (n,)
-                     output: str = "decision", # "decision": 1[logit > 0] as in the paper; "probability": sigmoid
-                    ) -> Callable: # y(x): (n, 1, H, W) in [-1, 1] -> (n,) float
-    "The classifier's decision (or probability) on the sampler's [-1, 1] images, clamped to [0, 1] first."
-    if output not in ("decision", "probability"): raise ValueError(f"`output` must be 'decision' or 'probability', got {output!r}")
-    def y(x):
-        logit = model(((x + 1)/2).clamp(0, 1)).reshape(len(x), -1)[:, 0].float()
-        return (logit > 0).float() if output == "decision" else torch.sigmoid(logit)
-    return y
-
-# %% ../nbs/08_ellipse_study.ipynb #639db115
-def study_targets(values, # (N,) feature values of the test split
-                  n_targets: int|None = None, # m ≤ N targets; None or N: all test values
-                 ) -> np.ndarray: # (m,) float64, ascending, each one of `values`
-    "Target values v0: the test values at quantiles (i + 1/2)/m (all of them when m = N)."
-    v = np.sort(np.asarray(values, dtype=np.float64).ravel())
-    if len(v) < 2 or not np.isfinite(v).all(): raise ValueError(f"`values` must hold ≥ 2 finite feature values, got {len(v)}")
-    m = len(v) if n_targets is None else n_targets
-    if not (isinstance(m, (int, np.integer)) and 2 <= m <= len(v)):
-        raise ValueError(f"`n_targets` must be an int in [2, {len(v)}] (the number of test values) or None, got {n_targets!r}")
-    return v[np.floor((np.arange(m) + .5)/m*len(v)).astype(np.int64)]
-
-# %% ../nbs/08_ellipse_study.ipynb #bbb499f9
-def constraint_errors(v, # (n,) measured feature of each sample
-                      target, # (n,) its target v0
-                      accepted, # (n,) bool acceptance flags
-                      sigma_v: float, # σ_V
-                     ) -> dict: # mean/median |g(x) − v0| over all samples, mean over accepted, and in σ_V units
-    "How closely the generated samples meet their targets."
-    err = np.abs(np.asarray(v, np.float64) - np.asarray(target, np.float64)); acc = np.asarray(accepted, bool)
-    return dict(mae=float(err.mean()), median=float(np.median(err)),
-                mae_accepted=float(err[acc].mean()) if acc.any() else float("nan"),
-                mae_sigma=float(err.mean()/sigma_v), mae_accepted_sigma=float(err[acc].mean()/sigma_v) if acc.any() else float("nan"))
-
-def attribution_study(eps: Callable, # eps(x_t, t) ε-prediction
-                      scheduler, # diffusers scheduler of the DDPM
-                      g: Callable, # differentiable feature map on sampler images, (n, ...) -> (n,)
-                      decide: Callable, # sampler images -> (n,) decisions Y (or probabilities)
-                      targets, # (m,) target values v0
-                      v_data, # (N,) feature over the real data: σ_V and the observed range
-                      n_per_target: int, # samples per target (paper: 200)
-                      sample_shape: tuple, # (C, H, W) of one sample
-                      out_dir, # folder of the per-target sweep files (resumable)
-                      rho=0.1, # guidance step ρ_t (see `rho_schedule`)
-                      num_steps: int|None = None, # respaced sampling steps; None: the scheduler's
-                      tol: float = 0.3, # rejection half-width in σ_V (App. D.1)
-                      seed: int = 0, # sweep seed (per-sample seeds from `sample_seeds`)
-                      n_boot: int = 5000, # bootstrap resamples (paper: 5,000); 0 skips the bootstrap
-                      keep_images: bool = True, # store the samples (needed for figures and coverage)
-                      device="cpu", # where sampling runs
-                      progress: bool = True, # tqdm over chunks of targets
-                     ) -> dict: # scores, bootstrap, acceptance, constraint error, sweep arrays, timings
-    "Constrained samples at every target, the decisions on them, and the global/local scores with bootstrap variances."
-    tg = np.asarray(targets, np.float64)
-    if tg.ndim != 1: raise ValueError(f"`targets` must be 1-D (one scalar feature), got shape {tg.shape}")
-    out_dir = Path(out_dir)
-    cached = sum(target_file(out_dir, j).exists() for j in range(len(tg)))
-    t0 = time.perf_counter()
-    sweep = constrained_sweep(eps, scheduler, g, tg, n_per_target, tuple(sample_shape), out_dir, v_data, classifier=decide,
-                              rho=rho, tol=tol, seed=seed, num_steps=num_steps, keep_images=keep_images, device=device,
-                              progress=progress)
-    sample_s = time.perf_counter() - t0
-    sigma_v = float(feature_stats(v_data)); acc = sweep["accepted"].astype(bool)
-    t1 = time.perf_counter()
-    sc = scores_from_sweep(sweep, weights="equal", n_boot=n_boot, seed=seed)
-    score_s = time.perf_counter() - t1
-    b = sc["bootstrap"]
-    return dict(global_score=sc["global_score"], local=sc["local"] if b is None else b.local, bootstrap=b,
-                ci_global=None if b is None else b.ci_global, var_global=None if b is None else b.var_global,
-                mean_var_local=None if b is None else b.mean_var_local,
-                acceptance=float(acc.mean()), acceptance_per_target=acceptance_rates(acc, sweep["group"]),
-                constraint_error=constraint_errors(sweep["v"], sweep["target"], acc, sigma_v),
-                n_samples=int(len(acc)), n_accepted=int(acc.sum()), n_targets=len(tg),
-                n_targets_scored=int(len(np.unique(sweep["group"][acc]))), n_targets_cached=int(cached),
-                sigma_v=sigma_v, targets=tg, sweep=sweep, sweep_dir=str(out_dir),
-                timings=dict(sample_s=sample_s, score_s=score_s))
 
 # %% ../nbs/08_ellipse_study.ipynb #h15a0102
 def toy_decision(tau: float, # noise scale τ of the decision, in feature units, > 0
