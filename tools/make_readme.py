@@ -1,6 +1,10 @@
 """Write README.md from nbs/index.ipynb without Quarto (nbdev_readme needs Quarto; this does the same job here):
-markdown cells as they are, visible code cells as python blocks with their text outputs. Hidden cells are left out."""
+markdown cells as they are, visible code cells as python blocks with their text outputs. Hidden cells are left out.
+It first refreshes the index's reproductions section from the result files (tools/results_table.py)."""
 import json, pathlib, sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import results_table
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -21,5 +25,8 @@ def render(nb_path=ROOT/"nbs"/"index.ipynb") -> str:
 
 
 if __name__ == "__main__":
+    bad = results_table.table_problems(results_table.render())
+    if bad: sys.exit("broken table rows:\n" + "\n".join(bad))
+    if results_table.write_index(): print("updated the reproductions section of nbs/index.ipynb", file=sys.stderr)
     (ROOT/"README.md").write_text(render())
     print("wrote README.md", file=sys.stderr)

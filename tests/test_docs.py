@@ -1,0 +1,155 @@
+"""Docs: the README/index reproductions table agrees with the result files, tables are not broken, the layout table in
+the index matches the package's imports, and the offline preview of the site builds without raw directives, raw front
+matter or broken local links (tools/docs_preview.py; skipped with the reason when its `docs` extra or npm is missing)."""
+import ast, importlib.util, json, re, shutil, sys
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT/"tools"))
+import results_table, make_readme  # noqa: E402
+
+MODULES = sorted(p.stem for p in (ROOT/"diffexplain").glob("*.py") if not p.stem.startswith("_"))
+
+
+def index_cells():
+    return [("".join(c["source"]), c) for c in json.loads((ROOT/"nbs"/"index.ipynb").read_text())["cells"]]
+
+
+# --- reproductions table from the result files ---------------------------------------------------------------------
+
+def test_index_and_readme_match_result_files():
+    "The index's reproductions section is the template filled from the committed results, and README.md is the index."
+    text = results_table.render()
+    cells = [s for s, c in index_cells() if c["cell_type"] == "markdown" and s.startswith(results_table.MARK)]
+    assert cells == [text], "nbs/index.ipynb disagrees with reproductions/results/: run python tools/make_readme.py"
+    assert (ROOT/"README.md").read_text() == make_readme.render(), "README.md is stale: run python tools/make_readme.py"
+
+
+def test_table_changes_with_the_result_files(tmp_path):
+    "A number in a result file reaches the table; a missing file or row is an error naming the placeholder."
+    res = tmp_path/"quick"; shutil.copytree(results_table.RESULTS, res)
+    before = results_table.render(results=res)
+    assert "ellipse acc. 0.974" in before
+    f = res/"table8"/"table8.csv"
+    f.write_text(f.read_text().replace("ellipse accuracy,0.9735", "ellipse accuracy,0.5123"))
+    after = results_table.render(results=res)
+    assert "ellipse acc. 0.512" in after and "ellipse acc. 0.974" not in after
+    (res/"figure10"/"figure10.csv").unlink()
+    with pytest.raises(ValueError, match="figure10/figure10.csv"): results_table.render(results=res)
+
+
+def test_placeholder_formats():
+    f = results_table.fmt
+    assert (f(9.999e-5, "p"), f(0.479, "p"), f(0.00642, "e1"), f(3.4e-7, "e2")) == ("< 0.001", "0.48", "6.4e-3", "3.40e-7")
+    assert (f("0.278 – 0.300", "ci"), f(True, "bool:yes/no"), f("False", "bool:yes/no"), f(0.2414, "+.2f")) == \
+           ("[0.278, 0.300]", "yes", "no", "+0.24")
+    with pytest.raises(ValueError): f(float("nan"), ".3f")
+
+
+def test_template_numbers_come_from_files():
+    "In the ours and paper columns of the template every decimal number is a placeholder (no hand-typed results)."
+    rows = [l for l in results_table.TEMPLATE.read_text().splitlines() if l.startswith("| `")]
+    assert len(rows) >= 25
+    for row in rows:
+        cells = re.split(r"(?<!\\)\|(?![^{]*\}\})", row)[1:-1]
+        assert len(cells) == 7, row[:60]
+        for cell in cells[4:6]:
+            bare = results_table.PLACEHOLDER.sub("", cell)
+            assert not re.search(r"\d\.\d|\d+e-\d", bare), f"hand-typed number in {row[:40]}: {bare}"
+
+
+def test_tables_are_not_broken():
+    "Every markdown table row in the index and README has as many cells as its header (no unescaped |)."
+    assert results_table.table_problems("| a | b |\n|---|---|\n| \\|x\\| | y |") == []
+    assert results_table.table_problems("| a | b |\n|---|---|\n| |x| | y |")       # the check can fail
+    for s, c in index_cells():
+        if c["cell_type"] == "markdown": assert results_table.table_problems(s) == [], s[:60]
+    assert results_table.table_problems((ROOT/"README.md").read_text()) == []
+
+
+# --- layout: one-way imports ---------------------------------------------------------------------------------------
+
+def layout_table() -> dict:
+    "module -> set of modules it may import, from the index's layout table."
+    text = next(s for s, c in index_cells() if s.startswith("## Layout"))
+    allowed = {}
+    for line in text.splitlines():
+        m = re.match(r"\|[^|]*\|\s*`diffexplain\.(\w+)`\s*\|[^|]*\|(.*)\|\s*$", line)
+        if m: allowed[m.group(1)] = set(re.findall(r"`(\w+)`", m.group(2)))
+    return allowed
+
+
+def imports_of(path: Path) -> set:
+    "The diffexplain modules a file imports, anywhere in it (module level or inside functions)."
+    out = set()
+    for n in ast.walk(ast.parse(path.read_text())):
+        if isinstance(n, ast.ImportFrom):
+            mod = n.module or ""
+            if n.level: out |= {mod.split(".")[0]} if mod else {a.name for a in n.names}
+            elif mod.startswith("diffexplain."): out.add(mod.split(".")[1])
+            elif mod == "diffexplain": out |= {a.name for a in n.names}
+        elif isinstance(n, ast.Import):
+            out |= {a.name.split(".")[1] for a in n.names if a.name.startswith("diffexplain.")}
+    return out & set(MODULES)
+
+
+def test_layout_table_lists_every_module():
+    assert sorted(layout_table()) == MODULES
+
+
+def test_layout_imports_are_one_way():
+    "No module imports one that the index's layout table does not allow (core modules never import a study)."
+    allowed = layout_table()
+    bad = {m: sorted(imports_of(ROOT/"diffexplain"/f"{m}.py") - allowed.get(m, set()) - {m}) for m in MODULES}
+    bad = {m: v for m, v in bad.items() if v}
+    assert not bad, f"imports the layout table does not allow: {bad}"
+
+
+def test_layout_check_can_fail(tmp_path):
+    f = tmp_path/"m.py"
+    f.write_text("from .ellipse_study import x\ndef g():\n    from diffexplain.face_study import y\nimport diffexplain.data\n")
+    assert imports_of(f) == {"ellipse_study", "face_study", "data"}
+
+
+# --- the site --------------------------------------------------------------------------------------------------------
+
+def _docs_tools():
+    for mod in ("sphinx", "myst_nb", "furo", "bs4", "yaml"):
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"{mod} is not installed: pip install -e '.[docs]'")
+    import docs_preview
+    return docs_preview
+
+
+def test_site_checker_finds_problems(tmp_path):
+    "check_site reports raw directives, front matter, show_doc calls, broken links and anchors, remote scripts."
+    dp = _docs_tools()
+    (tmp_path/"ok.html").write_text('<html><body><article><h2 id="x">x</h2></article></body></html>')
+    assert dp.check_site(tmp_path) == []
+    (tmp_path/"bad.html").write_text(
+        '<html><head><script src="https://cdn.example/mj.js"></script></head><body><article>'
+        '<pre>#| export\nx = 1</pre><p>title: Scores</p><p>show_doc(f)</p><p>$$\\frac{a}{b}$$</p>'
+        '<a href="missing.html">m</a><a href="ok.html#nope">n</a><a href="ok.html#x">fine</a>'
+        '<a href="gone.html">skipped</a></article></body></html>')
+    got = "\n".join(dp.check_site(tmp_path, unbuilt={"gone"}))
+    for what in ["raw nbdev directive", "raw front matter", "visible show_doc", "TeX outside math", "remote script",
+                 "broken link missing.html", "broken anchor ok.html#nope"]:
+        assert what in got, what
+    assert "gone.html" not in got and "ok.html#x" not in got
+
+
+def test_preview_builds_clean(tmp_path):
+    "A partial preview (index + one chapter, ~20 s) renders with local MathJax and passes check_site."
+    dp = _docs_tools()
+    if shutil.which("npm") is None and not (dp.BUILD/"npm"/f"mathjax-{dp.MATHJAX}.tgz").exists():
+        pytest.skip("npm is needed to fetch MathJax")
+    only = ["index", "04_scores"]
+    index = dp.build(only, out=tmp_path)
+    html = index.parent
+    assert dp.check_site(html, dp.unbuilt_pages(only)) == []
+    assert (html/"_static"/"mathjax"/"es5"/"tex-chtml.js").exists()
+    scores = (html/"scores.html").read_text()
+    assert 'class="math' in scores and "_static/mathjax/es5/tex-chtml.js" in scores
+    assert 'id="global-score"' in scores                    # show_doc headings become anchors
+    assert "Library" in index.read_text()                    # the sidebar's sections from sidebar.yml
