@@ -18,18 +18,21 @@ from .models import BRAIN_PROFILES, BRAIN_SPLIT, brain_table, brain_models, save
 from .diffusion import (make_scheduler, make_autoencoder3d, make_unet3d, vae_loss, to_model_range,
                                    from_model_range, model_config, data_fingerprint, train_diffusion, LatentTransform,
                                    latent_scale_factor, decode_latent)
-from .guided_sampling import (PAPER_RHO, constrained_sample, constrained_sweep, downsample_mask, guided_edit,
+from .guided_sampling import (constrained_sample, constrained_sweep, downsample_mask, guided_edit,
                                          sample_seeds, target_file, load_sweep)
 from .scores import balanced_global_score, global_score, local_scores
 from .counterfactuals import diffusion_ce
 
 # %% auto #0
-__all__ = ['BRAIN_STUDY_PROFILES', 'LDM_UNETS', 'check_study_profile', 'make_ldm_unet', 'oasis3_help', 'brain_data', 'train_vae',
-           'LatentModel', 'load_or_train_vae', 'load_or_train_ldm', 'volume_feature', 'ad_logit', 'BrainStudy',
-           'brain_study', 'balanced_targets', 'volume_sweep', 'hippocampus_sweep', 'sweep_scores', 'study_volume_sweep',
-           'study_hippocampus_sweep', 'volume_edit', 'brain_counterfactuals', 'central_slice', 'show_slices']
+__all__ = ['BRAIN_RHO', 'BRAIN_STUDY_PROFILES', 'LDM_UNETS', 'check_study_profile', 'make_ldm_unet', 'oasis3_help', 'brain_data',
+           'train_vae', 'LatentModel', 'load_or_train_vae', 'load_or_train_ldm', 'volume_feature', 'ad_logit',
+           'BrainStudy', 'brain_study', 'balanced_targets', 'volume_sweep', 'hippocampus_sweep', 'sweep_scores',
+           'study_volume_sweep', 'study_hippocampus_sweep', 'volume_edit', 'brain_counterfactuals', 'central_slice',
+           'show_slices']
 
 # %% ../nbs/09_brain_study.ipynb #ff4938be
+BRAIN_RHO = {"hippocampal_volume": {0: 0.04, 401: 0.03}, "hippocampus": 0.4} # guidance step ρ_t, attribution paper App. D Table 9
+
 BRAIN_STUDY_PROFILES = {
     "smoke": dict(vae=dict(channels=(4, 8), num_res_blocks=1, norm_num_groups=4, steps=20, batch_size=2, lr=3e-3,
                            ckpt_every=10),
@@ -47,8 +50,8 @@ BRAIN_STUDY_PROFILES = {
                            ckpt_every=2000),
                   ldm=dict(unet="paper", steps=300_000, batch_size=8, lr=1e-5, lr_schedule="constant", lr_warmup=0,
                            ema_decay=0.9999, ema_power=None, ckpt_every=5000),
-                  sample=dict(num_steps=1000, rho_volume=PAPER_RHO["hippocampal_volume"],
-                              rho_hippocampus=PAPER_RHO["hippocampus"], n_targets=None, n=200, keep_images=False,
+                  sample=dict(num_steps=1000, rho_volume=BRAIN_RHO["hippocampal_volume"],
+                              rho_hippocampus=BRAIN_RHO["hippocampus"], n_targets=None, n=200, keep_images=False,
                               edit_steps=100, edit_rho=0.3, ce_steps=1000, n_ce=None)),
 }
 LDM_UNETS = {"small": dict(channels=(32, 64, 64), attention_levels=(False, False, True), num_res_blocks=2,
@@ -306,7 +309,7 @@ def volume_sweep(lm: LatentModel, # latent diffusion model
                  image_shape: tuple, # (1, D, H, W) of one decoded volume
                  out_dir: str|Path, # per-target files
                  v_data, # (N,) volumes of the training data: σ_V and the observed range
-                 rho=PAPER_RHO["hippocampal_volume"], # ρ_t (Table 9: 0.03 for t > 400, 0.04 below)
+                 rho=BRAIN_RHO["hippocampal_volume"], # ρ_t (Table 9: 0.03 for t > 400, 0.04 below)
                  num_steps: int|None = None, # respaced sampling steps; None: all T
                  seed: int = 0, # sweep seed
                  keep_images: bool = False, # also keep the decoded volumes (small runs only)
@@ -335,7 +338,7 @@ def hippocampus_sweep(lm: LatentModel, # latent diffusion model
                       masks, # (m, 1, D, H, W) bool dilated hippocampus masks (kept region)
                       n: int, # samples per target
                       out_dir: str|Path, # per-target files
-                      rho=PAPER_RHO["hippocampus"], # ρ of the decoded-region DPS term; 0: latent replacement only
+                      rho=BRAIN_RHO["hippocampus"], # ρ of the decoded-region DPS term; 0: latent replacement only
                       num_steps: int|None = None, # respaced sampling steps; None: all T
                       seed: int = 0, # sweep seed
                       keep_images: bool = False, # also keep the decoded volumes

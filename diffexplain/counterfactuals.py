@@ -12,22 +12,17 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 from .data import check_tensor, save_arrays, load_arrays, config_hash
-from .data import fingerprint, open_store, check_int, check_number, check_seed, check_choice
-from .data import get_device, make_squares, split_indices, square_eval_grid, code_version
-from .models import EllipseCNN, square_resnet18, Rescaled, train_model, load_or_train, evaluate
-from .diffusion import load_or_train_ddpm, eps_fn, ddim_encode, ddim_decode, linear_schedule
-from .metrics import square_mae, background_mae, background_l1
+from .data import fingerprint, open_store, check_int, check_number, check_choice
+from .data import get_device
+from .diffusion import load_or_train_ddpm, eps_fn, ddim_encode, ddim_decode
 from .data import make_ellipses, moment_log_ar, moment_area, CelebA
-from .models import ellipse_models, celeba_classifier, ELLIPSE_PROFILES
-from .diffusion import ellipse_ddpm, ellipse_check
+from .models import celeba_classifier
 
 # %% auto #0
-__all__ = ['DIFFAE_DISTANCES', 'ELLIPSE_CE_PROFILES', 'CELEBA_CE_PROFILES', 'SQUARE_CF_PROFILES', 'SQUARE_METRICS', 'to_f_range',
-           'check_differentiable', 'check_reference', 'respaced_scheduler', 'last_timesteps', 'ddpm_step',
-           'posterior_variance', 'diffusion_filter', 'change_mask', 'sample_streams', 'repaint_refine', 'acre',
-           'diffae_re', 'diffusion_ce', 'flip_rate', 'reference_sweep', 'plot_reference_sweep', 'run_batched',
-           'ce_summary', 'plot_ce_pairs', 'ellipse_ce_metrics', 'ellipse_ce', 'celeba_ce', 'downsample_squares',
-           'square_setup', 'DiffAECodec', 'mean_ci', 'square_eval_set', 'square_counterfactual_eval',
+__all__ = ['DIFFAE_DISTANCES', 'CELEBA_CE_PROFILES', 'to_f_range', 'check_differentiable', 'check_reference',
+           'respaced_scheduler', 'last_timesteps', 'ddpm_step', 'posterior_variance', 'diffusion_filter', 'change_mask',
+           'sample_streams', 'repaint_refine', 'acre', 'diffae_re', 'DiffAECodec', 'diffusion_ce', 'flip_rate',
+           'reference_sweep', 'plot_reference_sweep', 'run_batched', 'ce_summary', 'plot_ce_pairs', 'celeba_ce',
            'tint_sensitivity']
 
 # %% ../nbs/05_counterfactuals.ipynb #8b08bc4e
@@ -354,6 +349,17 @@ def diffae_re(x,                  # (n, C, H, W) images in [-1, 1]
     return dict(x_rec=x_rec, y_rec=y_rec, x_cf=x_cf, y_cf=y_cf, z_sem=z0, z_cf=z.detach(), y_orig=y_orig,
                 n_iter=n_iter, success=(y_cf - r).abs() <= threshold, r=r)
 
+# %% ../nbs/05_counterfactuals.ipynb #9813ffb5
+class DiffAECodec:
+    "The `diffae_re` interface over a `diffexplain.diffusion.DiffAE`: its semantic encoder, DDIM inversion, differentiable DDIM decoding."
+    def __init__(self, model, # a trained `DiffAE` (eval mode); images in [-1, 1]
+                 scheduler,   # its DDPM scheduler (gives alpha_bar)
+                ): self.model, self.scheduler = model, scheduler
+    def encode_semantic(self, x): return self.model.encode(x)
+    def encode_stochastic(self, x, z_sem, steps): return ddim_encode(eps_fn(self.model, z_sem), x, self.scheduler, steps)
+    def decode(self, x_T, z_sem, steps): return ddim_decode(eps_fn(self.model, z_sem), x_T, self.scheduler, steps)
+
+
 # %% ../nbs/05_counterfactuals.ipynb #2c68202f
 def _log_prob_target(logits, target):
     "log p(target) for binary logits (n,)/(n, 1) or multi-class logits (n, K)."
@@ -584,44 +590,6 @@ def plot_ce_pairs(x01,      # (n, C, H, W) originals in [0, 1]
     return fig
 
 # %% ../nbs/05_counterfactuals.ipynb #e11a0003
-ELLIPSE_CE_PROFILES = {
-    # n: test images explained (None: the whole test split); num_steps: length of the respaced schedule over [0, T),
-    # of which the steps with t <= T/2 run (DVCE's code: respacing 200, skip 100 -> ~100 steps); batch_size: per call
-    "smoke": dict(n=8, num_steps=20, batch_size=8),
-    "quick": dict(n=100, num_steps=200, batch_size=50),
-    "paper": dict(n=None, num_steps=200, batch_size=100),
-}
-
-def _ellipse_features(x01, floor=0.05):
-    "Moment log aspect ratio and size of each image (intensities <= floor set to 0); NaN for images with < 1 px of mass."
-    x = torch.as_tensor(np.asarray(x01), dtype=torch.float32)
-    x = x.where(x > floor, torch.zeros(()))
-    ok = x.sum((1, 2, 3)) >= 1
-    lar, area = torch.full((len(x),), float("nan")), torch.full((len(x),), float("nan"))
-    if ok.any(): lar[ok], area[ok] = moment_log_ar(x[ok]).reshape(-1), moment_area(x[ok]).reshape(-1)
-    return lar.numpy(), area.numpy(), x
-
-def ellipse_ce_metrics(x01,    # (n, 1, H, W) originals in [0, 1]
-                       x_cf01, # (n, 1, H, W) counterfactuals in [0, 1]
-                       res: dict, # `diffusion_ce` output (tensors or arrays): flipped, target, logits
-                       floor: float = 0.05, # intensities <= floor count as background in the moment features
-                      ) -> dict: # `ce_summary`, L1, changes of the moment features, share of single ellipses
-    "`ce_summary` of ellipse counterfactuals and what they changed: L1 distance, log aspect ratio (towards the target class), size."
-    check_tensor(x01, "x01", ndim=4, shape=(None, 1, None, None), value_range=(0., 1.))
-    check_tensor(x_cf01, "x_cf01", shape=tuple(np.shape(x01)), value_range=(0., 1.))
-    if _check_res(res, ("target", "logits_orig", "logits_cf", "flipped")) != len(x01):
-        raise ValueError(f"`res` must hold one row per image of `x01` ({len(x01)}), got {np.shape(res['target'])[0]}")
-    check_number(floor, "floor", 0, 1, hi_open=True)
-    lar0, area0, _ = _ellipse_features(x01, floor)
-    lar1, area1, xf = _ellipse_features(x_cf01, floor)
-    sign = 2 * np.asarray(res["target"]).reshape(-1) - 1          # class 1 = the elongated ellipses
-    d = np.abs(np.asarray(x_cf01, dtype=np.float64) - np.asarray(x01, dtype=np.float64))
-    return {**ce_summary(res), "L1 per pixel": float(d.mean()), "L1 per image": float(d.reshape(len(d), -1).sum(1).mean()),
-            "Δ log AR towards target": float(np.nanmean((lar1 - lar0) * sign)),
-            "|Δ log AR|": float(np.nanmean(np.abs(lar1 - lar0))),
-            "|Δ size| / size": float(np.nanmean(np.abs(area1 / area0 - 1))),
-            "single ellipse": float(ellipse_check(xf).mean())}
-
 def _ce_rows(x01, kw, classifier_weight, control, batch_size, seed, store_dir, progress, dev, metrics):
     "Run `diffusion_ce` on x01 (in [0, 1]) with the classifier weight and, if `control`, with weight 0; metrics per row."
     rows = [("diffusion CE", classifier_weight)] + ([("diffusion CE (classifier weight 0)", 0.)] if control else [])
@@ -636,55 +604,6 @@ def _ce_rows(x01, kw, classifier_weight, control, batch_size, seed, store_dir, p
         table[name] = {**metrics(x01.numpy(), x_cf01, out), "seconds per CE": secs[name] / len(x01)}
         raw[name] = {**out, "x_cf01": x_cf01}
     return table, raw, secs
-
-def ellipse_ce(profile: str = "quick",  # smoke | quick | paper (`ELLIPSE_CE_PROFILES`; models from `ellipse_ddpm` / `ellipse_models`)
-               cache_dir=None,          # trained models and data are loaded (or trained) here
-               seed: int = 0,           # data/model seed; the subset of test images and the CE noise use it too
-               n: int|None = -1,        # test images to explain (-1: the profile's, None: the whole test split)
-               classifier_weight: float = 0.1, # w_c (DVCE / the paper: 0.1)
-               dist_weight: float = 0.15, # w_d (L1 distance)
-               start: float = 0.5,      # start at t = start * T
-               num_steps: int|None = None, # respaced schedule length (None: the profile's)
-               batch_size: int|None = None, # images per `diffusion_ce` call (None: the profile's)
-               control: bool = True,    # also run with classifier weight 0 (same noise): what the L1-guided DDPM alone does
-               classifier=None,         # explain this model instead (images in [0, 1] -> logits); None: the profile's classifier
-               eps=None, scheduler=None, # use this diffusion model (eps(x_t, t) and its scheduler) instead of the profile's DDPM
-               device: str = "cpu",
-               store_dir=None,          # resumable per-batch store (`run_batched`), one sub-folder per row
-               progress: bool = True,
-              ) -> dict: # table {row: metrics}, raw outputs per row, x01 (originals), idx (data indices), seconds, hp
-    "Diffusion counterfactuals of the ellipse classifier on test images (attribution paper §4.2.1, paper flip rate 82.5 %)."
-    if profile not in ELLIPSE_CE_PROFILES: raise ValueError(f"`profile` must be one of {list(ELLIPSE_CE_PROFILES)}, got {profile!r}")
-    P = dict(ELLIPSE_CE_PROFILES[profile], classifier_weight=classifier_weight, dist_weight=dist_weight, start=start)
-    if num_steps is not None: P["num_steps"] = num_steps
-    if batch_size is not None: P["batch_size"] = batch_size
-    if n != -1: P["n"] = n
-    dev = get_device(device)
-    if (eps is None) != (scheduler is None): raise ValueError("`eps` and `scheduler` must be given together")
-    ddpm = None
-    if eps is None:
-        ddpm = ellipse_ddpm(profile, cache_dir=cache_dir, seed=seed, device=device, progress=progress)
-        eps, scheduler = eps_fn(ddpm["unet"]), ddpm["scheduler"]
-    clf = None
-    if classifier is None:
-        clf = ellipse_models(profile, cache_dir=cache_dir, seed=seed, device=device, which=("classifier",), progress=progress)["classifier"]
-        classifier = clf["model"].to(dev).eval()
-        for p in classifier.parameters(): p.requires_grad_(False)
-    N = ELLIPSE_PROFILES[profile]["n"]
-    data = make_ellipses(N, seed=seed, cache_dir=cache_dir)
-    test = split_indices(N, seed=seed)["test"]
-    if P["n"] is not None:
-        if not 1 <= P["n"] <= len(test): raise ValueError(f"`n` must be in [1, {len(test)}] (test images), got {P['n']}")
-        test = np.sort(np.random.default_rng(seed).choice(test, P["n"], replace=False))
-    x01 = torch.from_numpy(data["images"][test]).float()
-    kw = dict(eps=eps, scheduler=scheduler, classifier=classifier, dist_weight=dist_weight,
-              start=start, num_steps=P["num_steps"])
-    table, raw, secs = _ce_rows(x01, kw, classifier_weight, control, P["batch_size"], seed, store_dir, progress, dev,
-                                lambda x01n, x_cf01, out: ellipse_ce_metrics(x01n, x_cf01, out))
-    return dict(table=table, raw=raw, x01=x01.numpy(), idx=test, label=np.asarray(data["label"])[test],
-                log_ar=np.asarray(data["log_ar"])[test], seconds=secs, hp=P, n=len(test),
-                classifier_metrics=None if clf is None else clf["metrics"], ddpm_quality=None if ddpm is None else ddpm["quality"],
-                loaded=dict(ddpm=None if ddpm is None else ddpm["loaded"], classifier=None if clf is None else clf["loaded"]))
 
 # %% ../nbs/05_counterfactuals.ipynb #e11a000a
 CELEBA_CE_PROFILES = {
@@ -742,196 +661,6 @@ def celeba_ce(profile: str = "quick", # smoke | quick | paper (`CELEBA_CE_PROFIL
                 attr_names=list(test.attr_names), seconds=secs, hp=P, n=len(ti), size=size, data=clf["data"],
                 synthetic=clf["synthetic"], classifier_metrics=clf["metrics"], classifier_loaded=clf["loaded"],
                 ddpm_loaded=info["loaded"], ddpm_train_s=info["train_s"], ddpm_seconds=ddpm_s, n_ddpm=len(di))
-
-# %% ../nbs/05_counterfactuals.ipynb #b23d41ff
-SQUARE_CF_PROFILES = {
-    # size: working resolution (64 = the paper's); schedule: the DDPM's beta grid (`linear_schedule`: guided-diffusion's
-    # linear, 1000-step chain, as the authors' square DDPM); T: how many of its first steps are trained (see the prose);
-    # respacing/steps: AC-RE filter on that chain
-    "smoke": dict(size=16, n_train=256, regressor="cnn", reg_lr=2e-3, reg_epochs=2, reg_patience=2, reg_batch=32,
-                  unet="tiny", schedule="guided-diffusion", T=100, ddpm_steps=20, ddpm_batch=8, ddpm_lr=3e-3, n_eval=2, batch_size=2,
-                  respacing=5, steps=5, step_size=32/255, max_iter=2, dilation=1, mask_threshold=0.15, threshold=0.05,
-                  ae_lr=0.002, ae_max_steps=2, ae_lam=1e-5, ae_decode_steps=5, ae_encode_steps=5),
-    "quick": dict(size=32, n_train=2000, regressor="cnn", reg_lr=2e-3, reg_epochs=6, reg_patience=2, reg_batch=32,
-                  unet="quick", schedule="guided-diffusion", T=100, ddpm_steps=2000, ddpm_batch=32, ddpm_lr=2e-3, n_eval=128, batch_size=16,
-                  respacing=5, steps=5, step_size=10/255, max_iter=16, dilation=3, mask_threshold=0.15, threshold=0.05,
-                  ae_lr=0.002, ae_max_steps=200, ae_lam=1e-5, ae_decode_steps=10, ae_encode_steps=20),
-    "paper": dict(size=64, n_train=16_000, regressor="resnet18", reg_lr=1e-5, reg_epochs=200, reg_patience=10, reg_batch=32,
-                  unet="square", schedule="guided-diffusion", T=1000, ddpm_steps=100_000, ddpm_batch=32, ddpm_lr=1e-4, n_eval=None, batch_size=32,
-                  respacing=50, steps=5, step_size=2/255, max_iter=100, dilation=5, mask_threshold=0.15, threshold=0.05,
-                  ae_lr=0.002, ae_max_steps=200, ae_lam=1e-5, ae_decode_steps=10, ae_encode_steps=20),
-}
-
-def downsample_squares(data: dict, # `make_squares` / `square_eval_grid` output at 64×64
-                       size: int,  # target size, a divisor of 64
-                      ) -> dict:   # same keys; `images` average-pooled, `mask` = pixels entirely inside the square
-    "Average-pool square images to `size` × `size`; the mask keeps only output pixels that lie fully inside the 8×8 square."
-    if size not in (8, 16, 32, 64): raise ValueError(f"`size` must be 8, 16, 32 or 64, got {size}")
-    k = 64 // size
-    if k == 1: return dict(data)
-    out = dict(data)
-    out["images"] = F.avg_pool2d(torch.as_tensor(data["images"]), k).numpy()
-    out["mask"] = (F.avg_pool2d(torch.as_tensor(data["mask"]).float(), k) == 1).numpy()
-    return out
-
-def _flip(x, g):
-    "Random horizontal and vertical flips (the authors' augmentation); the square's colour is unchanged by flips."
-    h, v = (torch.rand(2, len(x), 1, 1, 1, generator=g) < 0.5).to(x.device)
-    return torch.where(v, torch.where(h, x.flip(-1), x).flip(-2), torch.where(h, x.flip(-1), x))
-
-def square_setup(profile: str = "quick", # smoke | quick | paper (see `SQUARE_CF_PROFILES`)
-                 cache_dir=None,         # trained models are cached here (default `default_cache_dir()`)
-                 seed: int = 0,          # data, initial weights and training seed
-                 device: str = "cpu",    # cpu | cuda | auto
-                 progress: bool = True,
-                ) -> dict: # f, regressor, unet, eps, scheduler, hp (the profile), regressor metrics, timings, loaded flags
-    "Train or load the square regressor and the square DDPM of a profile, ready for `square_counterfactual_eval`."
-    if profile not in SQUARE_CF_PROFILES: raise ValueError(f"`profile` must be one of {list(SQUARE_CF_PROFILES)}, got {profile!r}")
-    P = SQUARE_CF_PROFILES[profile]; dev = get_device(device)
-    data = downsample_squares(make_squares(P["n_train"], seed=seed), P["size"])
-    x = torch.from_numpy(data["images"]).float(); y = torch.from_numpy(np.asarray(data["target"])).float()
-    split = split_indices(len(x), seed=seed, val_frac=0.1, test_frac=0.1)
-    mean, std = float(y[split["train"]].mean()), float(y[split["train"]].std())
-    cfg = dict(model=P["regressor"], size=P["size"], data=dict(n=P["n_train"], seed=seed), seed=seed, mean=mean, std=std,
-               lr=P["reg_lr"], epochs=P["reg_epochs"], patience=P["reg_patience"], batch_size=P["reg_batch"], augment="flips",
-               code=code_version(EllipseCNN, square_resnet18, Rescaled, train_model, _flip))
-    def build(c):
-        torch.manual_seed(c["seed"])
-        net = square_resnet18() if c["model"] == "resnet18" else EllipseCNN(1, in_channels=3, img_size=c["size"])
-        return Rescaled(net, c["mean"], c["std"])
-    def train(m, c):
-        t0 = time.time(); z = (y - c["mean"]) / c["std"]
-        _, hist = train_model(m.net, (x[split["train"]], z[split["train"]]), (x[split["val"]], z[split["val"]]),
-                              task="regression", lr=c["lr"], batch_size=c["batch_size"], max_epochs=c["epochs"],
-                              patience=c["patience"], augment=_flip, seed=c["seed"], device=device, progress=progress)
-        return m, {"history": hist, "train_time": time.time() - t0}
-    reg, meta = load_or_train(f"square-regressor", cfg, build, train, cache_dir)
-    reg = reg.to(dev).eval()
-    for p in reg.parameters(): p.requires_grad_(False)
-    metrics = evaluate(reg, (x[split["test"]], y[split["test"]]), "regression", device=device)
-    sk = linear_schedule(P["schedule"], chain=1000, T=P["T"]) # the first T steps of the profile's 1000-step chain
-    t0 = time.time()
-    unet, scheduler = load_or_train_ddpm(x, profile=P["unet"], name="square-ddpm", steps=P["ddpm_steps"], cache_dir=cache_dir,
-                                         seed=seed, scheduler_kwargs=sk, batch_size=P["ddpm_batch"], lr=P["ddpm_lr"],
-                                         device=device, progress=progress)
-    ddpm_time = time.time() - t0
-    unet = unet.to(dev).eval()
-    for p in unet.parameters(): p.requires_grad_(False)
-    return dict(f=reg, regressor=reg, unet=unet, eps=eps_fn(unet), scheduler=scheduler, hp=dict(P), profile=profile,
-                seed=seed, device=str(dev), regressor_metrics=metrics, regressor_time=meta.get("train_time"),
-                regressor_loaded=meta["loaded"], ddpm_time=ddpm_time, train_range=(0., 1.))
-
-# %% ../nbs/05_counterfactuals.ipynb #9813ffb5
-class DiffAECodec:
-    "The `diffae_re` interface over a `diffexplain.diffusion.DiffAE`: its semantic encoder, DDIM inversion, differentiable DDIM decoding."
-    def __init__(self, model, # a trained `DiffAE` (eval mode); images in [-1, 1]
-                 scheduler,   # its DDPM scheduler (gives alpha_bar)
-                ): self.model, self.scheduler = model, scheduler
-    def encode_semantic(self, x): return self.model.encode(x)
-    def encode_stochastic(self, x, z_sem, steps): return ddim_encode(eps_fn(self.model, z_sem), x, self.scheduler, steps)
-    def decode(self, x_T, z_sem, steps): return ddim_decode(eps_fn(self.model, z_sem), x_T, self.scheduler, steps)
-
-SQUARE_METRICS = ("square MAE", "background MAE", "background L1", "|f - r|", "success rate")
-
-def mean_ci(v,                # (n,) per-image values
-            n_boot: int = 2000, # bootstrap resamples of the images
-            level: float = 0.95, # coverage of the percentile interval
-            seed: int = 0,    # resampling seed
-           ) -> tuple:        # (lo, hi) percentile bootstrap interval of the mean
-    "Percentile bootstrap interval of the mean of per-image values."
-    check_tensor(v, "v", ndim=1) # (n,) finite numbers, n >= 1
-    check_int(n_boot, "n_boot", lo=1); check_number(level, "level", 0, 1, lo_open=True, hi_open=True); check_seed(seed)
-    v = np.asarray(v, dtype=np.float64).reshape(-1)
-    means = v[np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))].mean(1)
-    return tuple(float(q) for q in np.quantile(means, [(1 - level) / 2, (1 + level) / 2]))
-
-def _square_metrics(x01, x_cf01, mask, r, y, threshold):
-    "Table-1 metrics of counterfactuals `x_cf01` (images in [0, 1]) with predictions `y` for references `r`: (means, per-image arrays)."
-    m = torch.as_tensor(mask); d = np.abs(np.asarray(y, dtype=np.float64) - np.asarray(r, dtype=np.float64))
-    per = {"square MAE": square_mae(x_cf01, m, r, per_image=True), "background MAE": background_mae(x01, x_cf01, m, per_image=True),
-           "background L1": background_l1(x01, x_cf01, m, per_image=True), "|f - r|": d, "success rate": (d <= threshold).astype(np.float64)}
-    return {k: float(np.mean(v)) for k, v in per.items()}, per
-
-def square_eval_set(size: int = 64,   # working resolution
-                    n: int|None = None, # number of grid images (None: all 630), a seeded subset balanced dark/bright
-                    seed: int = 0,    # noise seed of the grid and seed of the subset
-                    indices=None,     # explicit grid indices (instead of `n`)
-                   ) -> dict:         # `square_eval_grid` arrays at `size` (subset), `reference` included
-    "The regression paper's square evaluation grid, downsampled, optionally a seeded subset."
-    g = downsample_squares(square_eval_grid(seed), size)
-    N = len(g["images"])
-    if indices is not None:
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if len(idx) == 0 or idx.min() < 0 or idx.max() >= N: raise ValueError(f"`indices` must be grid indices in [0, {N})")
-        return {k: np.asarray(v)[idx] for k, v in g.items()}
-    if n is not None:
-        if not 1 <= n <= N: raise ValueError(f"`n` must be in [1, {N}], got {n}")
-        half = N // 2; rng = np.random.default_rng(seed)
-        pick = np.sort(rng.choice(half, (n + 1) // 2, replace=False))
-        idx = np.concatenate([pick, (pick + half)[: n // 2]])  # dark images and their bright twins (same noise)
-        g = {k: np.asarray(v)[idx] for k, v in g.items()}
-    return g
-
-def square_counterfactual_eval(setup: dict,          # output of `square_setup`
-                               n_eval: int|None = -1, # grid images to explain (-1: the profile's `n_eval`, None: all 630)
-                               methods=("AC-RE",),   # which methods; "Diff-AE-RE" needs setup["ae"] (a diffusion autoencoder)
-                               indices=None,         # explicit grid indices (instead of `n_eval`)
-                               control: bool = True, # also run with the guidance off (PGD step 0 / no regression loss)
-                               store_dir=None,       # resumable per-batch store (one sub-folder per run)
-                               progress: bool = True,
-                               n_boot: int = 2000,   # bootstrap resamples for the 95 % intervals
-                               **overrides,          # AC-RE / Diff-AE-RE hyperparameters replacing the profile's (e.g. filter_noise="fixed")
-                              ) -> dict: # table {row: metrics}, ci {row: {metric: (lo, hi)}}, per_image, raw outputs, seconds, x01, mask
-    "Explain the square grid with AC-RE (and Diff-AE-RE): square MAE, background MAE (+ L1 diagnostic), |f - r| and success, with bootstrap intervals."
-    if not isinstance(setup, dict): raise TypeError(f"`setup` must be `square_setup`'s output (a dict), got {type(setup).__name__}")
-    missing = [k for k in ("hp", "device", "seed", "f", "eps", "scheduler", "train_range") if k not in setup]
-    if missing: raise ValueError(f"`setup` lacks {missing}: it must be `square_setup`'s output")
-    if isinstance(methods, str) or not set(methods) <= {"AC-RE", "Diff-AE-RE"} or not len(methods):
-        raise ValueError(f"`methods` must be a non-empty list among ['AC-RE', 'Diff-AE-RE'], got {methods!r}")
-    check_int(n_boot, "n_boot", lo=1)
-    P = {**setup["hp"], **overrides}; dev = torch.device(setup["device"])
-    grid = square_eval_set(P["size"], P["n_eval"] if n_eval == -1 else n_eval, setup["seed"], indices)
-    x01 = torch.from_numpy(grid["images"]).float(); x = (x01 * 2 - 1).to(dev)
-    r = torch.from_numpy(np.asarray(grid["reference"])).float().to(dev)
-    thr = P["threshold"]; table, ci, per_image, raw, secs = {}, {}, {}, {}, {}
-    to01 = lambda a: torch.from_numpy(np.asarray(a)).float().add(1).div(2).clamp(0, 1)
-    sub = lambda name: None if store_dir is None else Path(store_dir)/name
-    def row(name, x_cf, y):
-        table[name], per_image[name] = _square_metrics(x01, to01(x_cf), grid["mask"], r.cpu(), y, thr)
-        ci[name] = {k: mean_ci(v, n_boot, seed=setup["seed"]) for k, v in per_image[name].items()}
-    if "AC-RE" in methods:
-        kw = dict(f=setup["f"], eps=setup["eps"], scheduler=setup["scheduler"], respacing=P["respacing"], steps=P["steps"],
-                  step_size=P["step_size"], threshold=thr, dilation=P["dilation"], train_range=setup["train_range"],
-                  mask_threshold=P["mask_threshold"], filter_noise=P.get("filter_noise", "fresh"))
-        runs = [("", dict(max_iter=P["max_iter"]))]
-        # guidance off: x_adv never moves, so the change mask is empty and the counterfactual is x itself
-        if control: runs.append((" (guidance 0)", dict(max_iter=0, guidance=0.)))
-        for tag, extra in runs:
-            t0 = time.time()
-            out = run_batched(acre, dict(x=x, r=r), batch_size=P["batch_size"], seed=setup["seed"],
-                              store_dir=sub(f"acre{tag.replace(' ', '_')}"), progress=progress, **kw, **extra)
-            secs[f"AC-RE{tag}"] = time.time() - t0
-            row(f"AC-RE pre-explanation x_adv{tag}", out["x_pre"], out["y_pre"])
-            row(f"AC-RE filtered F(x_adv){tag}", out["x_filtered"], out["y_filtered"])
-            row(f"AC-RE{tag}", out["x_cf"], out["y_cf"])
-            table[f"AC-RE{tag}"]["mask coverage"] = float(np.mean(out["mask"]))
-            raw[f"AC-RE{tag}"] = out
-    if "Diff-AE-RE" in methods:
-        if setup.get("ae") is None: raise ValueError("`setup` has no diffusion autoencoder under 'ae' (needed for Diff-AE-RE)")
-        kw = dict(f=setup["f"], ae=setup["ae"], threshold=thr, train_range=setup["train_range"],
-                  **{k: P[f"ae_{k}"] for k in ("lr", "max_steps", "lam", "decode_steps", "encode_steps")},
-                  distance=P.get("ae_distance", "l1-latent"))
-        runs = [("", {})] + ([(" (guidance 0)", dict(guidance=0., max_steps=0))] if control else [])
-        for tag, extra in runs:
-            t0 = time.time()
-            out = run_batched(diffae_re, dict(x=x, r=r), batch_size=P["batch_size"], seed=setup["seed"],
-                              store_dir=sub(f"diffae{tag.replace(' ', '_')}"), progress=progress, **{**kw, **extra})
-            secs[f"Diff-AE-RE{tag}"] = time.time() - t0
-            row(f"Diff-AE-RE{tag}", out["x_cf"], out["y_cf"])
-            raw[f"Diff-AE-RE{tag}"] = out
-    return dict(table=table, ci=ci, per_image=per_image, raw=raw, seconds=secs, x01=x01, mask=grid["mask"],
-                reference=r.cpu().numpy(), target=np.asarray(grid["target"]), n=len(x01), hp=P)
-
 
 # %% ../nbs/05_counterfactuals.ipynb #b8d2f1e3
 def tint_sensitivity(f,                  # regressor on images in [0, 1] (returns (n,) or (n, 1))

@@ -16,17 +16,16 @@ from diffusers.training_utils import EMAModel
 from diffusers.optimization import get_scheduler
 from accelerate import Accelerator
 from .data import (seed_everything, get_device, cache_path, config_hash, atomic_write, check_tensor,
-                              save_arrays, load_arrays, make_ellipses, make_squares, moment_log_ar,
+                              save_arrays, load_arrays, make_ellipses, moment_log_ar,
                               moment_area, code_version, check_int, check_number)
 
 # %% auto #0
-__all__ = ['SCHEDULES', 'UNET_PROFILES', 'PAPER_PARAMS', 'DDPM_PROFILES', 'SQUARE_DIFFAE_PROFILES', 'UNET3D_PROFILES',
-           'make_scheduler', 'linear_schedule', 'make_unet2d', 'n_params', 'eps_fn', 'to_model_range',
-           'from_model_range', 'sample', 'model_config', 'data_fingerprint', 'save_grid', 'train_diffusion',
-           'load_or_train_ddpm', 'ellipse_check', 'ellipse_quality', 'ellipse_ddpm', 'SemanticEncoder', 'DiffAE',
-           'ddim_timesteps', 'ddim_encode', 'ddim_decode', 'square_diffae', 'make_autoencoder3d', 'make_unet3d',
-           'make_perceptual_loss', 'vae_loss', 'train_autoencoder3d', 'LatentTransform', 'latent_scale_factor',
-           'monai_scheduler', 'sample_latent', 'decode_latent']
+__all__ = ['SCHEDULES', 'UNET_PROFILES', 'PAPER_PARAMS', 'UNET3D_PROFILES', 'make_scheduler', 'linear_schedule', 'make_unet2d',
+           'n_params', 'eps_fn', 'to_model_range', 'from_model_range', 'sample', 'model_config', 'data_fingerprint',
+           'save_grid', 'train_diffusion', 'load_or_train_ddpm', 'SemanticEncoder', 'DiffAE', 'ddim_timesteps',
+           'ddim_encode', 'ddim_decode', 'make_autoencoder3d', 'make_unet3d', 'make_perceptual_loss', 'vae_loss',
+           'train_autoencoder3d', 'LatentTransform', 'latent_scale_factor', 'monai_scheduler', 'sample_latent',
+           'decode_latent']
 
 # %% ../nbs/02_diffusion.ipynb #6cf4ece2
 def _check_linear_betas(num_train_timesteps, beta_start, beta_end):
@@ -361,96 +360,6 @@ def load_or_train_ddpm(images, # (N, C, H, W) training images in [0, 1]
                                                                                   threads=torch.get_num_threads()))))
     return (r["ema"], scheduler, dict(path=final, loaded=False, train_s=train_s, cpu_s=cpu_s)) if with_info else (r["ema"], scheduler)
 
-# %% ../nbs/02_diffusion.ipynb #fcc90d03
-def ellipse_check(images01, # (n, 1, H, W) images in [0, 1]
-                  threshold: float = 0.5, # binarisation level
-                  min_area: int = 4, # smallest blob (pixels) that counts
-                  fill_tol: float = 0.2, # allowed |area / (pi a b) - 1|
-                 ) -> np.ndarray: # (n,) bool: the image shows a single filled ellipse
-    "Threshold-and-fit check: does each image show exactly one filled ellipse?"
-    from skimage.measure import label, regionprops
-    check_tensor(images01, "images01", ndim=4, shape=(None, 1, None, None))
-    check_number(threshold, "threshold", 0, 1); check_int(min_area, "min_area", lo=0); check_number(fill_tol, "fill_tol", lo=0)
-    x = np.asarray(images01.detach().cpu() if torch.is_tensor(images01) else images01, dtype=np.float32)
-    ok = np.zeros(len(x), bool)
-    for i, img in enumerate(x[:, 0]):
-        regs = regionprops(label(img > threshold, connectivity=2))
-        if len(regs) != 1 or regs[0].area < min_area: continue
-        g = regs[0]; fit = np.pi*(g.axis_major_length/2)*(g.axis_minor_length/2)
-        ok[i] = fit > 0 and abs(g.area/fit - 1) <= fill_tol and g.solidity >= 0.9
-    return ok
-
-def ellipse_quality(samples01, # (n, 1, H, W) generated images in [0, 1]
-                    real01, # (m, 1, H, W) training images in [0, 1]
-                    floor: float = 0.05, # intensities <= floor count as 0 in the moments (samples and data alike)
-                   ) -> dict: # fractions of single ellipses and of empty samples, KS statistics and moments of the features
-    "Quality numbers for an ellipse generator: shape check and feature distributions against the data."
-    from scipy.stats import ks_2samp
-    for x, nm in ((samples01, "samples01"), (real01, "real01")): check_tensor(x, nm, ndim=4, shape=(None, 1, None, None))
-    check_number(floor, "floor", 0, 1, hi_open=True)
-    xs, xr = [torch.as_tensor(np.asarray(x.detach().cpu() if torch.is_tensor(x) else x, dtype=np.float32)) for x in (samples01, real01)]
-    def feats(fn, x): # features of images with at least one pixel of mass; degenerate ones (a line, a point) dropped
-        x = x[x.clamp_min(0).sum((1, 2, 3)) >= 1]; v = fn(x).numpy() if len(x) else np.zeros(0)
-        return v[np.isfinite(v)]
-    out_raw = feats(moment_log_ar, xs)
-    xs, xr = xs.where(xs > floor, 0), xr.where(xr > floor, 0)
-    full = xs.sum((1, 2, 3)) >= 1 # less than one pixel of mass (e.g. all black): no usable moments, counts as a failure
-    ok = ellipse_check(xs)
-    out = dict(frac_single_ellipse=float(ok.mean()), frac_single_ellipse_real=float(ellipse_check(xr).mean()),
-               frac_empty=float(1 - full.float().mean()), log_ar_mean_nofloor=float(out_raw.mean()) if len(out_raw) else float("nan"))
-    for k, fn in (("log_ar", moment_log_ar), ("size", moment_area)):
-        b, a = feats(fn, xr), feats(fn, xs)
-        out |= {f"ks_{k}": float(ks_2samp(a, b).statistic) if len(a) else 1.0, f"{k}_mean": float(a.mean()) if len(a) else float("nan"),
-                f"{k}_mean_real": float(b.mean()), f"{k}_std": float(a.std()) if len(a) else float("nan"), f"{k}_std_real": float(b.std())}
-    return out
-
-
-# %% ../nbs/02_diffusion.ipynb #bd9d91c6
-DDPM_PROFILES = {
-    "smoke": dict(unet="tiny", n=256, steps=20, batch_size=16, lr=2e-3, lr_schedule="cosine", lr_warmup=2,
-                  ema_decay=0.999, ema_power=2/3, ckpt_every=10, sample_steps=10, n_eval=16),
-    "quick": dict(unet="quick", n=10_000, steps=1600, batch_size=32, lr=2e-3, lr_schedule="cosine", lr_warmup=100,
-                  ema_decay=0.999, ema_power=2/3, ckpt_every=200, sample_steps=100, n_eval=256),
-    "paper": dict(unet="ellipse", n=10_000, steps=300_000, batch_size=64, lr=1e-5, lr_schedule="constant", lr_warmup=0,
-                  ema_decay=0.9999, ema_power=None, ckpt_every=5000, sample_steps=1000, n_eval=1000),
-}
-
-def ellipse_ddpm(profile: str = "quick", # "smoke" | "quick" | "paper" (see `DDPM_PROFILES`)
-                 cache_dir: str|Path|None = None, # data, checkpoints and samples live here (default `default_cache_dir()`)
-                 seed: int = 0, # data seed (as `make_ellipses`) and training seed; samples use seed + 1
-                 device: str = "cpu", # "cpu", "cuda" or "auto"
-                 num_threads: int|None = None, # torch CPU threads while training and sampling (None: leave as is)
-                 progress: bool = True, # tqdm bars
-                ) -> dict: # unet (EMA, eval), scheduler, quality, samples (n_eval,1,32,32 in [0,1]), train_s/_cpu_s, sample_s/_cpu_s, loaded, path, config
-    "Train or load the ellipse DDPM of a profile, with its samples and quality numbers (cached)."
-    if profile not in DDPM_PROFILES: raise ValueError(f"`profile` must be one of {list(DDPM_PROFILES)}, got {profile!r}")
-    if num_threads is not None and (not isinstance(num_threads, (int, np.integer)) or num_threads < 1):
-        raise ValueError(f"`num_threads` must be None or a positive int, got {num_threads!r}")
-    p = DDPM_PROFILES[profile]; old_threads = torch.get_num_threads()
-    if num_threads is not None: torch.set_num_threads(int(num_threads))
-    try:
-        data = make_ellipses(p["n"], seed=seed, cache_dir=cache_dir)
-        keys = ("batch_size", "lr", "lr_schedule", "lr_warmup", "ema_decay", "ema_power", "ckpt_every")
-        unet, sched, info = load_or_train_ddpm(data["images"], p["unet"], f"ellipse-ddpm-{profile}", steps=p["steps"],
-                                               cache_dir=cache_dir, seed=seed, with_info=True, device=device,
-                                               progress=progress, **{k: p[k] for k in keys})
-        dev = get_device(device); unet = unet.to(dev).eval()
-        qpath = info["path"]/f"quality-n{p['n_eval']}-s{p['sample_steps']}-seed{seed + 1}.npz"
-        if qpath.exists():
-            z = load_arrays(qpath); samples, quality = z["samples"], json.loads(str(z["quality"]))
-            sample_s, sample_cpu_s = float(z["sample_s"]), float(z["sample_cpu_s"])
-        else:
-            t0, c0 = time.time(), time.process_time()
-            xs = sample(eps_fn(unet), sched, (p["n_eval"], 1, 32, 32), num_inference_steps=p["sample_steps"],
-                        generator=torch.Generator().manual_seed(seed + 1), device=dev, progress=progress)
-            samples = from_model_range(xs).cpu().numpy(); sample_s, sample_cpu_s = time.time() - t0, time.process_time() - c0
-            quality = ellipse_quality(samples, data["images"][:2000])
-            save_arrays(qpath, samples=samples, sample_s=sample_s, sample_cpu_s=sample_cpu_s, quality=json.dumps(quality))
-    finally:
-        torch.set_num_threads(old_threads)
-    return dict(unet=unet, scheduler=sched, quality=quality, samples=samples, train_s=info["train_s"], train_cpu_s=info["cpu_s"],
-                sample_s=sample_s, sample_cpu_s=sample_cpu_s, loaded=info["loaded"], path=info["path"], config=dict(profile=profile, seed=seed, **p))
-
 # %% ../nbs/02_diffusion.ipynb #f98617da
 class SemanticEncoder(nn.Module):
     "CNN encoder x0 in [-1, 1] -> z_sem: strided conv stages with GroupNorm + SiLU, then the final map flattened (or pooled), linear."
@@ -565,101 +474,6 @@ def ddim_decode(eps, # callable eps(x_t, t); gradients flow to whatever it close
     for k in tqdm(range(num_steps, 0, -1), desc="DDIM decode", disable=not progress, leave=False):
         x = _ddim_move(x, eps(x, int(ts[k - 1])), levels[k], levels[k - 1], clip_x0)
     return x
-
-# %% ../nbs/02_diffusion.ipynb #9ac42b46
-SQUARE_DIFFAE_PROFILES = {
-    "smoke": dict(unet="tiny", size=16, n=256, steps=20, batch_size=8, lr=2e-3, lr_schedule="cosine", lr_warmup=2,
-                  ema_decay=0.999, ema_power=2/3, enc_channels=(8, 16), ckpt_every=10, n_test=8, objective="v",
-                  schedule=dict(name="guided-diffusion", chain=1000)),
-    "quick": dict(unet="small", size=32, n=4000, steps=6000, batch_size=32, lr=2e-3, lr_schedule="cosine", lr_warmup=100,
-                  ema_decay=0.999, ema_power=2/3, enc_channels=(16, 32, 64), ckpt_every=250, n_test=64, objective="v",
-                  schedule=dict(name="guided-diffusion", chain=1000)),
-    "paper": dict(unet="square", size=64, n=16_000, steps=100_000, batch_size=64, lr=1e-4, lr_schedule="constant",
-                  lr_warmup=0, ema_decay=0.9999, ema_power=None, enc_channels=(32, 64, 128, 256), ckpt_every=5000, n_test=512, objective="v",
-                  schedule=dict(name="guided-diffusion", chain=1000)),
-}
-
-def _pool(x, f): # (n, C, H, W) array/tensor -> float tensor, f×f average-pooled
-    x = torch.as_tensor(x).float(); return x if f == 1 else F.avg_pool2d(x, f)
-
-def _dark_bright_pair(size, seed):
-    "A dark-red (a=30) and a bright-red (a=225) square sharing position, background and noise, at `size`."
-    from diffexplain.data import render_squares
-    noise = np.random.default_rng(seed).standard_normal((1, 3, 64, 64), dtype=np.float32).repeat(2, 0)*20
-    img, mask = render_squares([30., 225.], [170., 170.], np.array([20, 20]), np.array([24, 24]), noise)
-    f = 64//size
-    return _pool(torch.from_numpy(img/np.float32(255)), f), _pool(torch.from_numpy(mask.astype(np.float32)), f) > 0.999
-
-def square_diffae(profile: str = "quick", # "smoke" | "quick" | "paper" (see `SQUARE_DIFFAE_PROFILES`)
-                  cache_dir: str|Path|None = None, # checkpoints and metrics live here (default `default_cache_dir()`)
-                  seed: int = 0, # data and training seed
-                  device: str = "cpu", # "cpu", "cuda" or "auto"
-                  num_threads: int|None = None, # torch CPU threads (None: leave as is)
-                  progress: bool = True, # tqdm bars
-                 ) -> dict: # model (EMA DiffAE, eval), scheduler, size, metrics, interp (alpha, red, images), train_s, loaded, path
-    "Train or load the Diff-AE of the (downsampled) square data; reconstruction and z_sem-interpolation checks (cached)."
-    from safetensors.torch import save_file, load_file
-    if profile not in SQUARE_DIFFAE_PROFILES: raise ValueError(f"`profile` must be one of {list(SQUARE_DIFFAE_PROFILES)}, got {profile!r}")
-    if num_threads is not None and (not isinstance(num_threads, (int, np.integer)) or num_threads < 1):
-        raise ValueError(f"`num_threads` must be None or a positive int, got {num_threads!r}")
-    p = SQUARE_DIFFAE_PROFILES[profile]; f = 64//p["size"]; old_threads = torch.get_num_threads()
-    if num_threads is not None: torch.set_num_threads(int(num_threads))
-    try:
-        data = make_squares(p["n"] + p["n_test"], seed=seed)
-        x = _pool(data["images"], f); train, test = x[:p["n"]], x[p["n"]:]
-        sk = linear_schedule(**p["schedule"]) # the profile's noise schedule (the regression paper: guided-diffusion's linear, T = 1000)
-        arch = dict(profile=p["unet"], in_channels=3, sample_size=p["size"], z_dim=512, enc_channels=tuple(p["enc_channels"]),
-                    enc_pool="flatten", prediction="v" if p["objective"] == "v" else "eps", schedule=sk) # in the cache key (cfg)
-        cfg = dict(arch=arch, seed=seed, data=data_fingerprint(train), code=code_version(DiffAE, SemanticEncoder, make_unet2d, train_diffusion, _call),
-                   **{k: v for k, v in p.items() if k not in ("enc_channels", "n_test", "schedule")})
-        root = cache_path(f"square-diffae-{profile}", cfg, cache_dir); final = root/f"ema-step{p['steps']}"
-        dev = get_device(device); sched = make_scheduler(**sk)
-        if (final/"model.safetensors").exists():
-            model = DiffAE(**arch); model.load_state_dict(load_file(str(final/"model.safetensors"))); loaded = True
-            train_s = json.loads((final/"train.json").read_text())["train_s"]
-        else:
-            seed_everything(seed); model = DiffAE(**arch); t0 = time.time()
-            keys = ("batch_size", "lr", "lr_schedule", "lr_warmup", "ema_decay", "ema_power", "ckpt_every", "objective")
-            r = train_diffusion(model, train, sched, steps=p["steps"], seed=seed, ckpt_dir=root, device=device,
-                                progress=progress, **{k: p[k] for k in keys})
-            model, loaded, train_s = r["ema"].cpu(), False, time.time() - t0
-            final.mkdir(parents=True, exist_ok=True)
-            atomic_write(final/"model.safetensors", lambda tmp: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp)))
-            atomic_write(final/"train.json", lambda tmp: tmp.write_text(json.dumps(dict(train_s=train_s))))
-        model = model.to(dev).eval()
-        mpath = final/f"metrics-seed{seed}-{code_version(ddim_timesteps, _ddim_move, ddim_encode, ddim_decode, _dark_bright_pair)}.json" # recomputed when the checks change
-        if mpath.exists(): out = json.loads(mpath.read_text())
-        else:
-            x0 = to_model_range(test).to(dev)
-            with torch.no_grad(): z = model.encode(x0)
-            e = eps_fn(model, z); xT = ddim_encode(e, x0, sched, 20)
-            with torch.no_grad():
-                rec = ddim_decode(e, xT, sched, 10)
-                rnd = ddim_decode(e, torch.randn(xT.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dev), sched, 10)
-                pair, mask = _dark_bright_pair(p["size"], seed); pm = to_model_range(pair).to(dev)
-                zp = model.encode(pm); xT_dark = ddim_encode(eps_fn(model, zp[:1]), pm[:1], sched, 20)
-                alpha = torch.linspace(0, 1, 5, device=dev)[:, None]
-                zi = (1 - alpha)*zp[:1] + alpha*zp[1:]
-                xi = from_model_range(ddim_decode(eps_fn(model, zi), xT_dark.expand(len(alpha), -1, -1, -1), sched, 10)).cpu()
-            m = mask[0, 0]
-            red = [float(im[0][m].mean()) for im in xi]
-            tm = _pool(data["mask"][p["n"]:].astype(np.float32), f)[:, 0] > 0.999 # test pixels fully inside the square
-            red_of = lambda im: torch.stack([a[0][b].mean() for a, b in zip(from_model_range(im).cpu(), tm)]) # (n,) mean red in the square
-            red0, red_rec, red_rnd = red_of(x0), red_of(rec), red_of(rnd)
-            level = lambda im: from_model_range(im).mean((1, 2, 3)).cpu() # (n,) mean grey level: mostly the background
-            out = dict(mse_rec=F.mse_loss(rec, x0).item(), mse_random_xT=F.mse_loss(rnd, x0).item(),
-                       red_err_rec=float((red_rec - red0).abs().mean()), red_err_random_xT=float((red_rnd - red0).abs().mean()),
-                       red_err_shuffled=float((red0.roll(1) - red0).abs().mean()), z_std=float(z.std()),
-                       level_err_random_xT=float((level(rnd) - level(x0)).abs().mean()),
-                       level_err_shuffled=float((level(x0).roll(1) - level(x0)).abs().mean()),
-                       alpha=alpha.flatten().tolist(), red=red, red_dark=float(pair[0, 0][m].mean()),
-                       red_bright=float(pair[1, 0][m].mean()), interp=xi.numpy().tolist())
-            atomic_write(mpath, lambda tmp: tmp.write_text(json.dumps(out)))
-    finally:
-        torch.set_num_threads(old_threads)
-    interp = np.asarray(out.pop("interp"), np.float32)
-    return dict(model=model, scheduler=sched, size=p["size"], metrics=out, interp=interp, train_s=train_s, loaded=loaded,
-                path=final, config=dict(profile=profile, seed=seed, **p))
 
 # %% ../nbs/02_diffusion.ipynb #753dbdf7
 def make_autoencoder3d(channels: tuple = (32, 64), # widths; one ×2 downsampling per extra level

@@ -13,20 +13,16 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
-from .data import cache_path, check_tensor, config_hash, load_arrays, make_ellipses, save_arrays, split_indices
+from .data import cache_path, check_tensor, config_hash, load_arrays, save_arrays
 from .data import code_version, fingerprint, open_store, check_int, check_number, check_seed
-from .models import ELLIPSE_PROFILES, ellipse_models
-from .diffusion import ddim_encode, ellipse_ddpm, from_model_range, eps_fn as unet_eps
-from .data import moment_log_ar
-from .diffusion import ellipse_check
+from .diffusion import ddim_encode, from_model_range
 
 # %% auto #0
-__all__ = ['PAPER_RHO', 'SWEEP_KEYS', 'SAMPLER_PROFILES', 'gaussian_eps', 'rho_schedule', 'x0_from_eps', 'dps_direction',
-           'downsample_mask', 'check_mask', 'respaced', 'constrained_sample', 'reject', 'acceptance_rates',
-           'feature_stats', 'sample_seeds', 'target_file', 'load_sweep', 'constrained_sweep', 'accelerate_sweep',
-           'sampling_study', 'best_rho', 'convergence_chain', 'converged_reference', 'few_step_matches',
-           'validated_setting', 'validated_sampler', 'parse_rho', 'plot_sampling_study', 'ellipse_sampling_study',
-           'ddim_scheduler', 'ddim_invert', 'guided_edit']
+__all__ = ['SWEEP_KEYS', 'gaussian_eps', 'rho_schedule', 'x0_from_eps', 'dps_direction', 'downsample_mask', 'check_mask',
+           'respaced', 'constrained_sample', 'reject', 'acceptance_rates', 'feature_stats', 'sample_seeds',
+           'target_file', 'load_sweep', 'constrained_sweep', 'accelerate_sweep', 'sampling_study', 'best_rho',
+           'convergence_chain', 'converged_reference', 'few_step_matches', 'validated_setting', 'validated_sampler',
+           'parse_rho', 'plot_sampling_study', 'ddim_scheduler', 'ddim_invert', 'guided_edit']
 
 # %% ../nbs/03_guided_sampling.ipynb #d28e1f9f
 def gaussian_eps(scheduler, # diffusers scheduler providing `alphas_cumprod`
@@ -45,9 +41,6 @@ def gaussian_eps(scheduler, # diffusers scheduler providing `alphas_cumprod`
     return eps
 
 # %% ../nbs/03_guided_sampling.ipynb #ea281c97
-PAPER_RHO = {"ellipse_aspect_ratio": 0.1, "ellipse_size": 0.1,
-             "hippocampal_volume": {0: 0.04, 401: 0.03}, "hippocampus": 0.4} # attribution paper, App. D Table 9
-
 def rho_schedule(rho, # float ≥ 0, or {first_t: value} pieces (must start at t=0), or a callable t -> float ≥ 0
                 ) -> Callable: # t (int) -> ρ_t (float ≥ 0)
     "ρ_t as a function of the timestep: constant, piecewise in t (Table 9), or a given function."
@@ -647,66 +640,6 @@ def plot_sampling_study(study, # DataFrame from `sampling_study`
     ax[-1].plot(study["steps"], study["seconds"], "o", color="0.3")
     ax[-1].set(xscale="log", yscale="log", xlabel="steps", ylabel=f"seconds ({int(study['samples_per_s'].iloc[0]*study['seconds'].iloc[0])} samples)")
     return fig
-
-# %% ../nbs/03_guided_sampling.ipynb #e11a5d02
-def ellipse_sampling_study(profile: str = "quick", # "smoke" | "quick" | "paper": the DDPM and models of that profile
-                           cache_dir=None, # where the models live (default `default_cache_dir()`)
-                           out_dir=None, # per-setting results; default: a cache entry keyed by models, targets, n and seed
-                           n_targets: int = 6, # target values drawn from the test split's log aspect ratios
-                           n: int = 32, # samples per target
-                           steps=(250, 100, 50, 25), # respaced numbers of steps
-                           rhos=(0.1, 0.2, 0.4, 0.8), # ρ grid for every number of steps, or {steps: grid}
-                           drift: float = 100.0, # total drift ρ·steps of the reference chain (the paper's 1000 steps × ρ 0.1)
-                           chain=(250, 500, 1000, 2000), # numbers of steps of the chain the reference is chosen from
-                           score_fn: Callable|None = None, # as in `sampling_study`
-                           seed: int = 0, # models' seed, target draw and sampling seeds
-                           num_threads: int|None = None, # torch CPU threads (None: leave as is)
-                           progress: bool = True, # tqdm bars
-                           **kwargs, # passed to `constrained_sample` (norm, clip_x0, ...)
-                          ): # `sampling_study` DataFrame (err_moment: moment features; clean: `ellipse_check`); attrs: targets, n, sigma_v, out_dir, drift, chain
-    """`sampling_study` on the trained ellipse DDPM, g = log-aspect-ratio regressor, Y = the ellipse classifier's decisions;
-    the constraint is also measured by the moment feature `moment_log_ar` and each sample checked by `ellipse_check`."""
-    if profile not in ELLIPSE_PROFILES: raise ValueError(f"`profile` must be one of {list(ELLIPSE_PROFILES)}, got {profile!r}")
-    if not (isinstance(n_targets, (int, np.integer)) and n_targets >= 2): raise ValueError(f"`n_targets` must be an int ≥ 2, got {n_targets!r}")
-    grid = {int(k): list(rhos[k] if isinstance(rhos, dict) else rhos) for k in steps}
-    for k, (r,) in convergence_chain(drift, chain).items():
-        grid.setdefault(k, [])
-        if r not in grid[k]: grid[k].append(r)
-    old = torch.get_num_threads()
-    if num_threads is not None: torch.set_num_threads(int(num_threads))
-    try:
-        d = ellipse_ddpm(profile, cache_dir=cache_dir, seed=seed, progress=progress)
-        ms = ellipse_models(profile, cache_dir=cache_dir, seed=seed, which=("classifier", "log_ar"), progress=progress)
-        clf, reg = (ms[k]["model"].eval().requires_grad_(False) for k in ("classifier", "log_ar"))
-        data = make_ellipses(ELLIPSE_PROFILES[profile]["n"], seed=seed, cache_dir=cache_dir)
-        test = split_indices(len(data["log_ar"]), seed=seed)["test"]
-        targets = np.sort(np.random.default_rng(seed).choice(data["log_ar"][test], int(n_targets), replace=False)).astype(np.float32)
-        sigma_v = float(feature_stats(data["log_ar"], targets))
-        g = lambda x: reg(from_model_range(x)).reshape(len(x))
-        decide = lambda x: (clf(from_model_range(x)).reshape(len(x)) > 0).float()
-        def moment(x): # the data chapter's moment feature (NaN for an image without intensity above the floor)
-            x01 = from_model_range(x).clamp(0, 1); x01 = x01.where(x01 > 0.05, 0)
-            out = torch.full((len(x),), float("nan")); ok = x01.sum((1, 2, 3)) >= 1
-            if ok.any(): out[ok] = moment_log_ar(x01[ok]).float()
-            return out
-        clean = lambda x: ellipse_check(from_model_range(x).clamp(0, 1))
-        if out_dir is None:
-            key = dict(ddpm="/".join(Path(d["path"]).parts[-2:]), models=[Path(ms[k]["path"]).name for k in ("classifier", "log_ar")],
-                       targets=targets.tolist(), n=int(n), seed=int(seed), code=code_version(sampling_study, constrained_sample, dps_direction))
-            out_dir = cache_path(f"ellipse-sampling-study-{profile}", key, cache_dir)
-        study = sampling_study(unet_eps(d["unet"]), d["scheduler"], g, targets, n, (1, 32, 32), sigma_v,
-                               steps=sorted(grid, reverse=True), rhos=grid, seed=seed, classifier=decide, score_fn=score_fn,
-                               measures=dict(moment=moment), quality=clean, out_dir=out_dir, progress=progress, **kwargs)
-    finally: torch.set_num_threads(old)
-    study.attrs.update(targets=targets.tolist(), n=int(n), sigma_v=sigma_v, out_dir=str(out_dir), drift=float(drift), chain=list(chain))
-    return study
-
-# %% ../nbs/03_guided_sampling.ipynb #462b95ed
-SAMPLER_PROFILES = {
-    "smoke": dict(num_steps=10, rho=0.5, validated=False),
-    "quick": dict(num_steps=25, rho=0.8, validated=False), # not validated: the committed study has no converged reference
-    "paper": dict(num_steps=1000, rho=0.1, validated=False), # the paper's recipe (Table 9), per-sample norm
-}
 
 # %% ../nbs/03_guided_sampling.ipynb #8745c705
 def _config_for(cls, scheduler):

@@ -16,7 +16,7 @@ import torchvision
 import torch_fidelity
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from tqdm.auto import tqdm
-from .data import check_tensor, check_int, check_number, check_choice, get_device
+from .data import check_tensor, check_int, check_number, check_choice, check_seed, get_device
 from .models import r2_score, balanced_accuracy
 
 # %% auto #0
@@ -24,8 +24,8 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'VGG16_FILE', 'INCEPTION_FILE', 'VGG
            'prdc_metrics', 'coverage', 'precision', 'recall', 'density', 'embed', 'to_rgb', 'load_vgg16',
            'VGG16Features', 'vgg16_embedding', 'frechet_distance', 'gaussian_stats', 'fid_from_features', 'to_uint8',
            'fid_images', 'oracle_mae', 'face_similarity', 'vggface2_resnet50', 'load_vggface2_resnet50',
-           'FaceEmbedding', 'mnac', 'square_mae', 'background_mae', 'background_l1', 'flip_rate', 'metrics_table',
-           'to_markdown', 'save_metrics_table']
+           'FaceEmbedding', 'mnac', 'square_mae', 'background_mae', 'background_l1', 'flip_rate', 'mean_ci',
+           'metrics_table', 'to_markdown', 'save_metrics_table']
 
 # %% ../nbs/06_metrics.ipynb #ebef3521
 def _as_features(x, name: str, device=None) -> torch.Tensor:
@@ -470,6 +470,20 @@ def flip_rate(pred_orig, # (n,) probabilities/0-1 labels, or (n, C) scores, on t
     if target is None: return (a != b).double().mean().item()
     return (b == _vector(target, "target", len(b)).long()).double().mean().item()
 
+# %% ../nbs/06_metrics.ipynb #m6meanc1
+def mean_ci(v,                # (n,) per-image values
+            n_boot: int = 2000, # bootstrap resamples of the images
+            level: float = 0.95, # coverage of the percentile interval
+            seed: int = 0,    # resampling seed
+           ) -> tuple:        # (lo, hi) percentile bootstrap interval of the mean
+    "Percentile bootstrap interval of the mean of per-image values."
+    check_tensor(v, "v", ndim=1) # (n,) finite numbers, n >= 1
+    check_int(n_boot, "n_boot", lo=1); check_number(level, "level", 0, 1, lo_open=True, hi_open=True); check_seed(seed)
+    v = np.asarray(v, dtype=np.float64).reshape(-1)
+    means = v[np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))].mean(1)
+    return tuple(float(q) for q in np.quantile(means, [(1 - level) / 2, (1 + level) / 2]))
+
+
 # %% ../nbs/06_metrics.ipynb #8f918dc4
 def metrics_table(results: dict, # {method: {metric: value}}, e.g. {"AC-RE": {"Square MAE": 0.13}}
                   paper: dict|None = None, # the paper's numbers in the same layout; shown as "<metric> (paper)"
@@ -495,12 +509,13 @@ def metrics_table(results: dict, # {method: {metric: value}}, e.g. {"AC-RE": {"S
 def to_markdown(df: pd.DataFrame, # table from `metrics_table`
                 digits: int = 3, # significant digits of the numbers
                ) -> str: # GitHub pipe table
-    "Markdown pipe table (numbers with `digits` significant digits, missing values blank)."
+    "Markdown pipe table (numbers with `digits` significant digits, missing values blank, `|` in names escaped)."
     if not isinstance(df, pd.DataFrame): raise TypeError(f"`df` must be a pandas DataFrame (from `metrics_table`), got {type(df).__name__}")
     check_int(digits, "digits", lo=1)
     fmt = lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}g}" if isinstance(v, (float, np.floating)) else str(v)
-    head = [str(df.index.name or "")] + [str(c) for c in df.columns]
-    rows = [[str(i)] + [fmt(v) for v in r] for i, r in zip(df.index, df.itertuples(index=False))]
+    esc = lambda s: str(s).replace("|", "\\|")        # a "|f - r|" header must not split its column
+    head = [esc(df.index.name or "")] + [esc(c) for c in df.columns]
+    rows = [[esc(i)] + [esc(fmt(v)) for v in r] for i, r in zip(df.index, df.itertuples(index=False))]
     return "\n".join("| " + " | ".join(r) + " |" for r in [head, ["---"] * len(head)] + rows) + "\n"
 
 def save_metrics_table(df: pd.DataFrame, # table from `metrics_table`

@@ -21,11 +21,10 @@ from .data import (seed_everything, get_device, cache_path, code_version, config
     subject_split, class_weights, BrainROIDataset)
 
 # %% auto #0
-__all__ = ['ELLIPSE_PROFILES', 'ELLIPSE_TARGETS', 'CELEBA_PROFILES', 'BRAIN_PROFILES', 'BRAIN_SPLIT', 'cnn_block', 'EllipseCNN',
-           'resnet10t', 'to_3d', 'resnet10t_3d', 'square_resnet18', 'densenet121_regressor', 'age_oracle', 'Rescaled',
-           'accuracy', 'balanced_accuracy', 'r2_score', 'l2_penalty', 'predict', 'evaluate', 'train_model',
-           'save_checkpoint', 'load_checkpoint', 'load_or_train', 'ellipse_models', 'celeba_classifier', 'brain_table',
-           'brain_models']
+__all__ = ['CELEBA_PROFILES', 'BRAIN_PROFILES', 'BRAIN_SPLIT', 'cnn_block', 'EllipseCNN', 'resnet10t', 'to_3d', 'resnet10t_3d',
+           'square_resnet18', 'densenet121_regressor', 'age_oracle', 'Rescaled', 'accuracy', 'balanced_accuracy',
+           'r2_score', 'l2_penalty', 'predict', 'evaluate', 'train_model', 'save_checkpoint', 'load_checkpoint',
+           'load_or_train', 'celeba_classifier', 'brain_table', 'brain_models']
 
 # %% ../nbs/01_models.ipynb #6b09537c
 def cnn_block(c_in: int, # input channels
@@ -371,63 +370,13 @@ def load_or_train(name: str, # artefact name, e.g. "ellipse-classifier"
     return model.eval(), {**meta, "path": str(path), "loaded": False}
 
 # %% ../nbs/01_models.ipynb #0e62ca43
-ELLIPSE_PROFILES = {
-    "smoke": dict(n=400, lr=1e-3, batch_size=64, max_epochs=2, patience=2, time_limit=None),
-    "quick": dict(n=10_000, lr=1e-3, batch_size=64, max_epochs=10, patience=5, time_limit=None),
-    "paper": dict(n=10_000, lr=1e-5, batch_size=64, max_epochs=5000, patience=20, time_limit=None),
-}
-
 def _seeded(seed, build): # build a model with its initial weights drawn from `seed`
     torch.manual_seed(seed); return build()
-
-ELLIPSE_TARGETS = {"classifier": ("label", "binary", 0.), "log_ar": ("log_ar", "regression", 0.),
-                   "area": ("area", "regression", 1.)}  # model key: (data key, task, paper's L2 weight λ)
 
 _TRAIN_CODE = ("train_model", "l2_penalty", "_loss", "evaluate", "predict") # the training loop, in every model cache key
 
 def _code(*names): # `code_version` of this chapter's functions/classes, by name
     return code_version(*(globals()[k] for k in names))
-
-def ellipse_models(profile: str = "quick", # "smoke" | "quick" | "paper" (see `ELLIPSE_PROFILES`)
-                   cache_dir: str|Path|None = None, # data and checkpoints live here (default `default_cache_dir()`)
-                   seed: int = 0, # data, split and training seed
-                   device: str = "cpu", # "cpu", "cuda" or "auto"
-                   which: tuple = ("classifier", "log_ar", "area"), # models to return
-                   progress: bool = True, # tqdm bars
-                  ) -> dict: # {key: dict(model, metrics (test), config, train_time (s), loaded, path, epochs, history)}
-    "Train or load the ellipse classifier and log-aspect-ratio / area regressors and report their test metrics."
-    if profile not in ELLIPSE_PROFILES: raise ValueError(f"`profile` must be one of {list(ELLIPSE_PROFILES)}, got {profile!r}")
-    bad = set(which) - set(ELLIPSE_TARGETS)
-    if bad: raise ValueError(f"`which` must name models among {list(ELLIPSE_TARGETS)}, got {sorted(bad)}")
-    p = ELLIPSE_PROFILES[profile]
-    data = make_ellipses(n=p["n"], seed=seed, cache_dir=cache_dir)
-    split = split_indices(p["n"], seed=seed)
-    x = torch.from_numpy(data["images"]).float()
-    out = {}
-    for key in which:
-        col, task, lam = ELLIPSE_TARGETS[key]
-        v = torch.from_numpy(np.asarray(data[col])).float()
-        mean, std = (0., 1.) if task == "binary" else (float(v[split["train"]].mean()), float(v[split["train"]].std()))
-        cfg = dict(model="EllipseCNN", target=col, task=task, profile=profile, data=dict(n=p["n"], seed=seed),
-                   code=_code("EllipseCNN", "cnn_block", "Rescaled", "_seeded", *_TRAIN_CODE),
-                   seed=seed, mean=mean, std=std, l2=lam, l2_effective=lam / std**2,
-                   **{k: p[k] for k in ("lr", "batch_size", "max_epochs", "patience", "time_limit")})
-        build = lambda c: (_seeded(c["seed"], EllipseCNN) if c["task"] == "binary"
-                           else Rescaled(_seeded(c["seed"], EllipseCNN), c["mean"], c["std"]))
-        def train(m, c, v=v):
-            net = m if c["task"] == "binary" else m.net
-            vt = (v - c["mean"]) / c["std"]
-            t0 = time.time(); torch.manual_seed(c["seed"])
-            net, hist = train_model(net, (x[split["train"]], vt[split["train"]]), (x[split["val"]], vt[split["val"]]),
-                                    task=c["task"], lr=c["lr"], batch_size=c["batch_size"], max_epochs=c["max_epochs"],
-                                    patience=c["patience"], l2=c["l2_effective"], seed=c["seed"], device=device,
-                                    time_limit=c["time_limit"], progress=progress)
-            return m, {"history": hist, "train_time": time.time() - t0, "epochs": len(hist)}
-        model, meta = load_or_train(f"ellipse-{key}", cfg, build, train, cache_dir)
-        metrics = evaluate(model, (x[split["test"]], v[split["test"]]), task, device=device)
-        out[key] = dict(model=model, metrics=metrics, config=cfg, train_time=meta.get("train_time"),
-                        loaded=meta["loaded"], path=meta["path"], epochs=meta.get("epochs"), history=meta.get("history"))
-    return out
 
 # %% ../nbs/01_models.ipynb #6c3a9a98
 CELEBA_PROFILES = {

@@ -596,7 +596,7 @@ def study_targets(values, # (N,) feature values of the test split
                   n_targets: int|None = None, # m ≤ N targets; None or N: all test values
                  ) -> np.ndarray: # (m,) float64, ascending, each one of `values`
     "Target values v0: the test values at quantiles (i + 1/2)/m (all of them when m = N)."
-    v = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    v = np.sort(_vec(values, "values").astype(np.float64))
     if len(v) < 2 or not np.isfinite(v).all(): raise ValueError(f"`values` must hold ≥ 2 finite feature values, got {len(v)}")
     m = len(v) if n_targets is None else n_targets
     if not (isinstance(m, (int, np.integer)) and 2 <= m <= len(v)):
@@ -610,7 +610,11 @@ def constraint_errors(v, # (n,) measured feature of each sample
                       sigma_v: float, # σ_V
                      ) -> dict: # mean/median |g(x) − v0| over all samples, mean over accepted, and in σ_V units
     "How closely the generated samples meet their targets."
-    err = np.abs(np.asarray(v, np.float64) - np.asarray(target, np.float64)); acc = np.asarray(accepted, bool)
+    v, target, acc = _vec(v, "v").astype(np.float64), _vec(target, "target").astype(np.float64), _vec(accepted, "accepted").astype(bool)
+    if not len(v) == len(target) == len(acc):
+        raise ValueError(f"`v`, `target` and `accepted` must have the same length, got {len(v)}, {len(target)} and {len(acc)}")
+    sigma_v = check_number(sigma_v, "sigma_v", lo=0, lo_open=True)
+    err = np.abs(v - target)
     return dict(mae=float(err.mean()), median=float(np.median(err)),
                 mae_accepted=float(err[acc].mean()) if acc.any() else float("nan"),
                 mae_sigma=float(err.mean()/sigma_v), mae_accepted_sigma=float(err[acc].mean()/sigma_v) if acc.any() else float("nan"))

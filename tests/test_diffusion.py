@@ -9,6 +9,8 @@ from skimage.draw import ellipse as sk_ellipse
 
 from diffexplain.data import seed_everything
 from diffexplain import diffusion as D
+from diffexplain import ellipse_study as E
+from diffexplain import square_study as SQ
 
 
 def toy_ellipses(n, size=16, seed=0):
@@ -150,18 +152,18 @@ def test_load_or_train_reuses_cache(ellipses16, tmp_path):
 
 def test_ellipse_quality_check(ellipses16):
     x = toy_ellipses(64, 32, seed=1)
-    assert D.ellipse_check(x).mean() > 0.9
+    assert E.ellipse_check(x).mean() > 0.9
     two = np.clip(x[:32] + x[32:], 0, 1)  # two ellipses in one image (mostly separate)
-    assert D.ellipse_check(two).mean() < 0.5
-    assert D.ellipse_check(np.zeros((4, 1, 32, 32), np.float32)).sum() == 0
-    q = D.ellipse_quality(x[:32], x[32:])
+    assert E.ellipse_check(two).mean() < 0.5
+    assert E.ellipse_check(np.zeros((4, 1, 32, 32), np.float32)).sum() == 0
+    q = E.ellipse_quality(x[:32], x[32:])
     assert q["frac_single_ellipse"] > 0.9 and 0 <= q["ks_log_ar"] <= 1
     noise = np.random.default_rng(0).random((32, 1, 32, 32), dtype=np.float32)
-    assert D.ellipse_quality(noise, x)["ks_size"] > 0.9
+    assert E.ellipse_quality(noise, x)["ks_size"] > 0.9
     empty = np.zeros((4, 1, 32, 32), np.float32)  # all-black samples have no moments: failures, not a crash
-    q = D.ellipse_quality(np.concatenate([x[:4], empty]), x[32:])
+    q = E.ellipse_quality(np.concatenate([x[:4], empty]), x[32:])
     assert q["frac_empty"] == 0.5 and q["frac_single_ellipse"] <= 0.5
-    q = D.ellipse_quality(empty, x)
+    q = E.ellipse_quality(empty, x)
     assert q["frac_empty"] == 1 and q["ks_log_ar"] == 1 and q["frac_single_ellipse"] == 0
 
 
@@ -263,27 +265,27 @@ def test_cosine_lr_and_ema_warmup_resume_exactly(ellipses16, tmp_path):
 
 
 def test_ellipse_ddpm_smoke_profile(tmp_path):
-    r = D.ellipse_ddpm("smoke", cache_dir=tmp_path, progress=False)
+    r = E.ellipse_ddpm("smoke", cache_dir=tmp_path, progress=False)
     assert r["samples"].shape == (16, 1, 32, 32) and 0 <= r["samples"].min() and r["samples"].max() <= 1
     q = r["quality"]
     assert {"frac_single_ellipse", "frac_empty", "ks_log_ar", "ks_size", "log_ar_mean_real"} <= set(q)
     assert 0 <= q["ks_log_ar"] <= 1 and q["frac_single_ellipse_real"] > 0.8 and not r["loaded"] and r["train_s"] > 0
-    again = D.ellipse_ddpm("smoke", cache_dir=tmp_path, progress=False)
+    again = E.ellipse_ddpm("smoke", cache_dir=tmp_path, progress=False)
     assert again["loaded"] and np.array_equal(again["samples"], r["samples"]) and json.dumps(again["quality"]) == json.dumps(q)
     for a, b in zip(again["unet"].parameters(), r["unet"].parameters()): assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="profile"): D.ellipse_ddpm("fast", cache_dir=tmp_path)
-    with pytest.raises(ValueError, match="num_threads"): D.ellipse_ddpm("smoke", cache_dir=tmp_path, num_threads=0)
+    with pytest.raises(ValueError, match="profile"): E.ellipse_ddpm("fast", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="num_threads"): E.ellipse_ddpm("smoke", cache_dir=tmp_path, num_threads=0)
 
 
 def test_square_diffae_smoke_profile(tmp_path):
-    r = D.square_diffae("smoke", cache_dir=tmp_path, progress=False)
+    r = SQ.square_diffae("smoke", cache_dir=tmp_path, progress=False)
     m = r["metrics"]
     assert r["interp"].shape == (5, 3, 16, 16) and len(m["red"]) == 5 and np.isfinite(m["mse_rec"])
     assert m["red_bright"] > m["red_dark"] + 0.5  # the dark/bright pair differs in red inside the mask
-    again = D.square_diffae("smoke", cache_dir=tmp_path, progress=False)
+    again = SQ.square_diffae("smoke", cache_dir=tmp_path, progress=False)
     assert again["loaded"] and again["metrics"] == m
     for a, b in zip(again["model"].parameters(), r["model"].parameters()): assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="profile"): D.square_diffae("big", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="profile"): SQ.square_diffae("big", cache_dir=tmp_path)
 
 
 # ------------------------------------------------------------------------------------- schedules as a profile property

@@ -26,6 +26,8 @@ import matplotlib.pyplot as plt
 from diffusers import DDPMScheduler
 import diffexplain.scores as S, diffexplain.metrics as M, diffexplain.guided_sampling as G
 import diffexplain.counterfactuals as C, diffexplain.data as D, diffexplain.models as MO, diffexplain.diffusion as DF
+import diffexplain.ellipse_study as E
+import diffexplain.square_study as SQ
 
 torch.set_num_threads(1)
 CLEAR = (ValueError, TypeError, FileNotFoundError, FloatingPointError)
@@ -116,6 +118,12 @@ ROWS = [
         {"feature": "vec", "hist_bins": "int_pos"}, ok={("feature", "none"): "the histogram panel is optional"}),
     Row(S.plot_feature_logit, lambda: dict(v=rng().normal(size=40), logits=rng().normal(size=40)), {"v": "vec", "logits": "vec", "max_points": "int_pos"}),
     Row(S.scores_from_sweep, lambda: dict(sweep=SWEEP()), {"sweep": "dict", "weights": "choice", "var_y": "pos", "n_boot": "int_nonneg", "seed": "seed"}),
+    Row(S.study_targets, lambda: dict(values=rng().normal(size=20), n_targets=5), {"values": "vec", "n_targets": "int_pos"},
+        ok={("n_targets", "none"): "None: every value is a target"}),
+    Row(S.constraint_errors, lambda: dict(v=rng().normal(size=5), target=np.zeros(5), accepted=np.ones(5, bool), sigma_v=1.0),
+        {"v": "vec", "target": "vec", "accepted": "vec", "sigma_v": "pos"}),
+    Row(S.sampler_feature, lambda: dict(model=g_mean), {}),   # `model` must be callable (chapter 04 tests it)
+    Row(S.sampler_decision, lambda: dict(model=clf), {"output": "choice"}),
     # ------------------------------------------------------------------ metrics
     Row(M.knn_radii, lambda: dict(features=feats()), {"features": "feat", "k": "int_pos", "batch_size": "int_pos"}),
     Row(M.prdc_metrics, lambda: dict(real_features=feats(), fake_features=feats(20)),
@@ -184,7 +192,7 @@ ROWS = [
     Row(C.run_batched, lambda: dict(fn=lambda x, generator=None, progress=False: dict(y=x * 2), inputs=dict(x=torch.arange(4.)), progress=False),
         {"inputs": "dict", "batch_size": "int_pos", "seed": "seed", "on_mismatch": "choice"}),
     Row(C.ce_summary, lambda: dict(res=dict(target=[1, 0], logits_orig=[-1.0, 1.0], logits_cf=[1.0, -1.0], flipped=[True, True])), {"res": "dict"}),
-    Row(C.mean_ci, lambda: dict(v=rng().random(10), n_boot=20), {"v": "vec", "n_boot": "int_pos", "level": "frac", "seed": "seed"}),
+    Row(M.mean_ci, lambda: dict(v=rng().random(10), n_boot=20), {"v": "vec", "n_boot": "int_pos", "level": "frac", "seed": "seed"}),
     # ------------------------------------------------------------------ data
     Row(D.seed_everything, lambda: dict(seed=0), {"seed": "seed"}),
     Row(D.get_device, lambda: dict(device="cpu"), {"device": "choice"}),
@@ -233,8 +241,8 @@ ROWS = [
     Row(DF.sample, lambda: dict(eps=geps(), scheduler=sched(), shape=(2, 1, 8, 8), num_inference_steps=4, progress=False),
         {"num_inference_steps": "int_pos", "x_T": "img"}, ok={("x_T", "none"): "optional"}),
     Row(DF.data_fingerprint, lambda: dict(images=imgs01()), {"images": "img"}),
-    Row(DF.ellipse_check, lambda: dict(images01=imgs01(c=1)), {"images01": "img", "threshold": "frac", "min_area": "int_nonneg"}),
-    Row(DF.ellipse_quality, lambda: dict(samples01=D.make_ellipses(8, cache_dir=False)["images"], real01=D.make_ellipses(8, seed=1, cache_dir=False)["images"]),
+    Row(E.ellipse_check, lambda: dict(images01=imgs01(c=1)), {"images01": "img", "threshold": "frac", "min_area": "int_nonneg"}),
+    Row(E.ellipse_quality, lambda: dict(samples01=D.make_ellipses(8, cache_dir=False)["images"], real01=D.make_ellipses(8, seed=1, cache_dir=False)["images"]),
         {"samples01": "img", "real01": "img", "floor": "nonneg"}),
     Row(DF.ddim_timesteps, lambda: dict(num_train_timesteps=100, num_steps=10), {"num_train_timesteps": "int_pos", "num_steps": "int_pos"}),
     Row(DF.ddim_encode, lambda: dict(eps=lambda x, t: geps()(x, t), x0=imgs(), scheduler=sched(), num_steps=4), {"x0": "img", "num_steps": "int_pos"}),
@@ -249,11 +257,14 @@ def _aseg():
 
 # drivers that train models or read real data: a bad profile / choice must be refused before anything runs
 DRIVERS = {
-    MO.ellipse_models: dict(profile="nope"), MO.celeba_classifier: dict(profile="nope"), MO.brain_table: dict(profile="nope"),
-    MO.brain_models: dict(profile="nope"), DF.ellipse_ddpm: dict(profile="nope"), DF.square_diffae: dict(profile="nope"),
-    C.ellipse_ce: dict(profile="nope"), C.celeba_ce: dict(profile="nope"), C.square_setup: dict(profile="nope"),
-    G.ellipse_sampling_study: dict(profile="nope"), D.make_ellipses: dict(n=1, cache_dir=False), D.make_squares: dict(n=-1),
-    D.square_eval_grid: dict(seed="abc"), C.square_eval_set: dict(size=-1), D.make_brain_phantoms: dict(out_dir="/tmp/x", n_subjects=1),
+    E.ellipse_models: dict(profile="nope"), MO.celeba_classifier: dict(profile="nope"), MO.brain_table: dict(profile="nope"),
+    MO.brain_models: dict(profile="nope"), E.ellipse_ddpm: dict(profile="nope"), SQ.square_diffae: dict(profile="nope"),
+    E.ellipse_ce: dict(profile="nope"), C.celeba_ce: dict(profile="nope"), SQ.square_setup: dict(profile="nope"),
+    E.ellipse_sampling_study: dict(profile="nope"),
+    S.attribution_study: dict(eps=geps(), scheduler=sched(), g=g_mean, decide=g_mean, targets=np.zeros((2, 2)), v_data=np.zeros(5),
+                              n_per_target=1, sample_shape=(1, 8, 8), out_dir="/tmp/diffexplain-hostile-attribution"),
+    D.make_ellipses: dict(n=1, cache_dir=False), D.make_squares: dict(n=-1),
+    D.square_eval_grid: dict(seed="abc"), SQ.square_eval_set: dict(size=-1), D.make_brain_phantoms: dict(out_dir="/tmp/x", n_subjects=1),
     D.load_brain_rois: dict(table="/nonexistent/subjects.csv"), D.write_tiny_celeba: dict(root="/tmp/diffexplain-hostile-celeba", n=0),
     D.CelebA: dict(root="/nonexistent/celeba"), D.CelebAHQ: dict(root="/nonexistent/celebahq"), D.AgeTable: dict(csv="/nonexistent/ages.csv"),
     M.load_vgg16: dict(weights_path="/nonexistent/vgg16.pth"), M.vgg16_embedding: dict(weights_path="/nonexistent/vgg16.pth"),
@@ -264,8 +275,8 @@ DRIVERS = {
         v_data=np.ones(10)), G.accelerate_sweep: dict(cpu=True, eps_fn=lambda x, t: x, scheduler=sched(), g=g_mean, targets=[0.1], n=0,
         sample_shape=(1, 8, 8), out_dir="/tmp/diffexplain-hostile-sweep2", v_data=rng().random(10)),
     G.sampling_study: dict(eps_fn=lambda x, t: x, scheduler=sched(), g=g_mean, c0=[np.nan], n=1, sample_shape=(1, 8, 8), sigma_v=0.1),
-    C.square_counterfactual_eval: dict(setup={}, n_eval=1), C.reference_sweep: dict(x=torch.zeros(2, 3, 8, 8), method=C.acre, refs=[0.5]),
-    C.downsample_squares: dict(data={}, size=0), C.ellipse_ce_metrics: dict(x01=torch.zeros(2, 1, 8, 8), x_cf01=torch.zeros(3, 1, 8, 8), res={}),
+    SQ.square_counterfactual_eval: dict(setup={}, n_eval=1), C.reference_sweep: dict(x=torch.zeros(2, 3, 8, 8), method=C.acre, refs=[0.5]),
+    SQ.downsample_squares: dict(data={}, size=0), E.ellipse_ce_metrics: dict(x01=torch.zeros(2, 1, 8, 8), x_cf01=torch.zeros(3, 1, 8, 8), res={}),
     C.tint_sensitivity: dict(f=lin_f, x01=torch.full((2, 3, 8, 8), float("nan")), mask=sq_mask()),
     C.diffae_re: dict(x=torch.full((2, 3, 8, 8), 2.0), f=lin_f, ae=None, r=[0.5, 0.5]),
     C.repaint_refine: dict(x=torch.zeros(2, 1, 8, 8), x_pre=torch.zeros(2, 1, 8, 8), mask=torch.ones(3, 1, 8, 8), eps=geps(), sched=sched(), steps=[1]),
@@ -399,7 +410,7 @@ def test_driver_refuses(fn):
 def test_every_public_function_is_covered():
     covered = {r.fn for r in ROWS} | set(DRIVERS)
     missing = []
-    for mod in (S, M, G, C, D, MO, DF):
+    for mod in (S, M, G, C, D, MO, DF, SQ):
         for n in mod.__all__:
             o = getattr(mod, n)
             if callable(o) and o not in covered and n not in EXEMPT: missing.append(f"{mod.__name__}.{n}")
