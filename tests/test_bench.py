@@ -1,0 +1,53 @@
+"The compute model's FLOP counter against closed forms, and the smoke paths of the two benchmark scripts."
+import json, sys
+from pathlib import Path
+import pytest, torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]/"bench"))
+import compute_model as cm
+import bench_sampling as bs
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads(); torch.set_num_threads(1); yield; torch.set_num_threads(old)
+
+def test_linear_closed_form():
+    B, I, O = 5, 7, 3
+    test = cm.net_forward(lambda: nn.Linear(I, O), (I,), batch=B)
+    assert test == 2*B*I*O                                              # forward: one (B, I) x (I, O) matmul
+    assert cm.net_train_step(lambda: nn.Linear(I, O), (I,), batch=B) == 4*B*I*O   # + weight gradient (input needs none)
+
+def test_conv_closed_form():
+    B, Ci, Co, H, k = 2, 3, 4, 8, 3                                     # padding 1: output H x H
+    assert cm.net_forward(lambda: nn.Conv2d(Ci, Co, k, padding=1), (Ci, H, H), batch=B) == 2*B*Co*H*H*Ci*k*k
+
+def test_guided_step_counts_input_gradient_only():
+    I = 6   # "ε-model" Linear on (n, 1, 1, I) images, regressor Linear(I, 1): forward 2I² + 2I, backward to x the same again
+    eps = lambda: nn.Linear(I, I); reg = lambda: nn.Sequential(nn.Flatten(), nn.Linear(I, 1))
+    call = lambda m, x, t: m(x)
+    assert cm.guided_step(eps, call, (1, 1, I), (reg,)) == 2*(2*I*I + 2*I)
+
+def test_costs_are_linear_in_the_batch():
+    U = lambda: cm.lib("make_unet2d")("tiny", 1, 16)
+    assert cm.eps_train_step(U, cm.unet2d_call, (1, 16, 16), batch=3) == 3*cm.eps_train_step(U, cm.unet2d_call, (1, 16, 16))
+
+def test_compute_model_smoke(tmp_path):
+    df, dt = cm.main(["--smoke", "--out", str(tmp_path)])
+    assert (tmp_path/"compute_model.csv").exists() and "Regenerate" in (tmp_path/"compute_model.md").read_text()
+    S = cm.lib("SAMPLER_PROFILES")
+    row = df[df["stage"].str.startswith("guided sampling")].iloc[0]
+    assert row["flops_paper"]/row["flops_few"] == pytest.approx(S["paper"]["num_steps"]/S["quick"]["num_steps"])   # same model, fewer steps
+    tr = df[df["stage"] == "train DDPM"].iloc[0]
+    P = cm.lib("DDPM_PROFILES")["paper"]
+    assert tr["flops_paper"] == pytest.approx(tr["unit_gflop_paper"]*1e9*P["steps"]*P["batch_size"])
+    assert dt["flops_paper"].iloc[0] == pytest.approx(df["flops_paper"].sum())
+
+def test_bench_sampling_smoke(tmp_path):
+    R = bs.main(["--smoke", "--out", str(tmp_path)])
+    m = R["engineering"]["modes"]
+    assert m["batched"]["max_abs_diff_vs_loop"] < 1e-4                  # same algorithm, same streams: same samples
+    assert m["loop"]["seconds"] > 0 and m["batched"]["gflop_per_s"] > 0
+    assert isinstance(m["batched+bf16+compile"], str) or torch.cuda.is_available()
+    assert R["algorithmic"]["samples_per_setting"] > 0 and len(R["summary"]) >= 2
+    assert json.loads((tmp_path/"bench_sampling.json").read_text())["threads"] == 1
