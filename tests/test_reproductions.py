@@ -41,9 +41,7 @@ def test_reproductions_have_parameters_cell():
 RESULTS = ROOT/"reproductions"/"results"
 # Written before run.json recorded a dirty flag (issue 15): their commit may not be the code that made them. Regenerate
 # each from a clean checkout (`git worktree add`), then delete its name here; the test fails if a name is left behind.
-LEGACY = {"quick/figure10", "quick/figure11", "quick/figure12", "quick/figure3", "quick/figure4",
-          "quick/figure5",
-          "quick/table1", "quick/table3", "quick/table4"}
+LEGACY = set()   # every committed result now records a clean checkout; a name added here must say why
 
 
 def _is_commit(sha):
