@@ -29,4 +29,5 @@ def test_campaign_smoke_and_resume(tmp_path, capsys):
         assert "[table1] start" in err and err.count("skipped (done in an earlier run") == 6
         assert files[0].exists() and all(f.stat().st_mtime_ns == t for f, t in keep.items())   # only the lost target's batch was redone
         assert s2["stages"]["table1"]["rows"][1]["global_score"] == pytest.approx(t1[1]["global_score"])   # same streams, same score
+        assert [r["samples_this_run"] for r in s2["stages"]["table1"]["rows"]] == [0, gc.SIZES["smoke"]["table1"]["n"]]
     finally: torch.set_num_threads(old)
