@@ -165,3 +165,15 @@ def test_preview_builds_clean(tmp_path):
     assert 'class="math' in scores and "_static/mathjax/es5/tex-chtml.js" in scores
     assert 'id="global-score"' in scores                    # show_doc headings become anchors
     assert "Library" in index.read_text()                    # the sidebar's sections from sidebar.yml
+
+
+def test_quarto_filter_unlinks_signature_names():
+    "The published site's Lua filter turns nbdev's [`name`](url) inside code blocks into `name`, leaving code alone."
+    import subprocess, yaml
+    assert "unlink_code.lua" in yaml.safe_load((ROOT/"nbs"/"_quarto.yml").read_text())["filters"]
+    lua = shutil.which("lua5.4") or shutil.which("lua")
+    if lua is None: pytest.skip("no lua interpreter (apt-get install lua5.4) to run nbs/unlink_code.lua")
+    src = "x, # defaults to [`default_cache_dir()`](https://h/data.html#d) and [`a.b`](u#c)\ny = f[0](z)"
+    out = subprocess.run([lua, "-e", f'dofile("nbs/unlink_code.lua"); io.write(unlink_code_names([[{src}]]))'],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out == "x, # defaults to default_cache_dir() and a.b\ny = f[0](z)"
