@@ -44,6 +44,7 @@ def test_placeholder_formats():
     assert (f(9.999e-5, "p"), f(0.479, "p"), f(0.00642, "e1"), f(3.4e-7, "e2")) == ("< 0.001", "0.48", "6.4e-3", "3.40e-7")
     assert (f("0.278 – 0.300", "ci"), f(True, "bool:yes/no"), f("False", "bool:yes/no"), f(0.2414, "+.2f")) == \
            ("[0.278, 0.300]", "yes", "no", "+0.24")
+    assert (f(-0.0003, ".2f"), f(-0.013, ".2f")) == ("0.00", "-0.01")
     with pytest.raises(ValueError): f(float("nan"), ".3f")
 
 

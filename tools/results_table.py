@@ -44,7 +44,8 @@ def fmt(x, spec: str) -> str:
         m, e = f"{x:.{spec[1]}e}".split("e")
         return f"{m}e{int(e)}"
     if spec == "d": return f"{int(round(x))}"
-    return format(x, spec)
+    out = format(x, spec)
+    return out[1:] if re.fullmatch(r"-0\.?0*", out) else out       # no "-0.00" for a tiny negative value
 
 
 def _rows(df, sel: str):
