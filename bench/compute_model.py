@@ -112,31 +112,37 @@ def plain_step(build_eps, call, shape, batch=1):
     return count_flops(f)
 
 def acre_iteration(build_eps, call, build_reg, shape, filter_steps, batch=1):
-    "One AC-RE PGD iteration per image: the diffusion filter (`filter_steps` ε calls with gradients), regressor, backward."
-    eps, reg = on_meta(build_eps), on_meta(build_reg)
+    """One AC-RE PGD iteration per image: the diffusion filter (`filter_steps` ε calls with gradients), the regressor, and
+    the backward to the image. Counted as one ε call + regressor with input gradients, plus `filter_steps - 1` ε calls
+    with input gradients (the cost of each call does not depend on the others; the test checks this against the unrolled
+    filter), so a 200-iteration upper bound is counted in seconds."""
+    return guided_step(build_eps, call, shape, (build_reg,), batch) + (filter_steps - 1)*guided_step(build_eps, call, shape, (), batch)
+
+def _diffae_call(ae, shape, z_dim, x_grad, batch):
+    "One Diff-AE decoder call conditioned on z_sem with the gradient flowing back to z (and to x_t if `x_grad`)."
+    m = on_meta(ae)
     def f():
-        x = meta(batch, *shape, grad=True); h = x
-        for _ in range(filter_steps): h = h - call(eps, h, tvec(batch))
-        reg(h).float().sum().backward()
+        z = meta(batch, z_dim, grad=True); x = meta(batch, *shape, grad=x_grad)
+        m(x, tvec(batch), z).float().sum().backward()
     return count_flops(f)
 
 def diffae_re_step(build_ae, build_reg, shape, decode_steps, z_dim, batch=1):
-    "One Diff-AE-RE Adam step per image: `decode_steps` DDIM decoder calls conditioned on z_sem, regressor, backward to z_sem."
-    ae, reg = on_meta(build_ae), on_meta(build_reg)
-    def f():
-        z = meta(batch, z_dim, grad=True); h = meta(batch, *shape)
-        for _ in range(decode_steps): h = h - ae(h, tvec(batch), z)
-        reg(h).float().sum().backward()
-    return count_flops(f)
+    """One Diff-AE-RE Adam step per image: `decode_steps` DDIM decoder calls conditioned on z_sem (the first from the fixed
+    x_T, the others also passing the gradient back through x_t), the regressor, backward to z_sem. Counted per call
+    (checked against the unrolled chain by the test)."""
+    reg = on_meta(build_reg)
+    def f(): reg(meta(batch, *shape, grad=True)).float().sum().backward()
+    return (_diffae_call(build_ae, shape, z_dim, False, batch) + (decode_steps - 1)*_diffae_call(build_ae, shape, z_dim, True, batch)
+            + count_flops(f))
 
-def diffae_encode(build_ae, shape, encode_steps, batch=1):
+def diffae_encode(build_ae, shape, encode_steps, z_dim=512, batch=1):
     "Diff-AE-RE's encoding of one image: semantic encoder + `encode_steps` stochastic-encoding decoder calls (no gradients)."
     ae = on_meta(build_ae)
-    def f():
-        with torch.no_grad():
-            x = meta(batch, *shape); z = ae.encode(x)
-            for _ in range(encode_steps): x = x + ae(x, tvec(batch), z)
-    return count_flops(f)
+    def enc():
+        with torch.no_grad(): ae.encode(meta(batch, *shape))
+    def step():
+        with torch.no_grad(): ae(meta(batch, *shape), tvec(batch), meta(batch, z_dim))
+    return count_flops(enc) + encode_steps*count_flops(step)
 
 def n_params_meta(build): return sum(p.numel() for p in on_meta(build).parameters())
 
@@ -149,9 +155,9 @@ def stage(item, paper, name, unit, flops_paper_unit, flops_quick_unit, n_paper, 
                 source=source)
 
 def dvce_steps(num_steps, start=0.5):
-    "Number of DVCE steps run from t = start·T on a `num_steps` respaced schedule (what `diffusion_ce` runs)."
-    T = 1000; ts = np.round(np.linspace(0, T - 1, num_steps)).astype(int)   # diffusers-like respacing
-    return int((ts <= round(start*T)).sum())
+    "Number of DVCE steps run from t = start·T on a `num_steps` respaced schedule (the steps `diffusion_ce` runs)."
+    sched = lib("respaced_scheduler")(lib("make_scheduler")(), num_steps); T = sched.config.num_train_timesteps
+    return int(sum(int(t) <= round(start*T) for t in sched.timesteps))
 
 def ellipse_items(smoke=False):
     make_unet2d, EllipseCNN = lib("make_unet2d"), lib("EllipseCNN")
@@ -287,7 +293,7 @@ def square_items():
     rows.append(stage(item, "regression", "Diff-AE-RE Adam steps (upper bound)", "image-step", dre(P, AP), dre(Q, AQ),
                       n_grid*P["ae_max_steps"], n_grid*P["ae_max_steps"], Q["n_eval"]*Q["ae_max_steps"],
                       f"authors: <= {P['ae_max_steps']} Adam steps, decode {P['ae_decode_steps']} DDIM steps with gradients"))
-    enc = lambda c, a: diffae_encode(ae(a), sh(a["size"]), c["ae_encode_steps"])
+    enc = lambda c, a: diffae_encode(ae(a), sh(a["size"]), c["ae_encode_steps"], 512)
     rows.append(stage(item, "regression", "Diff-AE-RE encoding", "image", enc(P, AP), enc(Q, AQ), n_grid, n_grid, Q["n_eval"],
                       f"semantic encoder + {P['ae_encode_steps']}-step stochastic encoding"))
     return rows

@@ -51,3 +51,26 @@ def test_bench_sampling_smoke(tmp_path):
     assert isinstance(m["batched+bf16+compile"], str) or torch.cuda.is_available()
     assert R["algorithmic"]["samples_per_setting"] > 0 and len(R["summary"]) >= 2
     assert json.loads((tmp_path/"bench_sampling.json").read_text())["threads"] == 1
+
+def _unrolled_acre(build_eps, build_reg, shape, k):   # the filter written out: k ε calls, regressor, backward to x
+    eps, reg = cm.on_meta(build_eps), cm.on_meta(build_reg)
+    def f():
+        x = cm.meta(1, *shape, grad=True); h = x
+        for _ in range(k): h = h - cm.unet2d_call(eps, h, cm.tvec())
+        reg(h).float().sum().backward()
+    return cm.count_flops(f)
+
+def _unrolled_diffae_re(build_ae, build_reg, shape, k, z_dim):   # k decoder calls from a fixed x_T, regressor, backward to z
+    ae, reg = cm.on_meta(build_ae), cm.on_meta(build_reg)
+    def f():
+        z = cm.meta(1, z_dim, grad=True); h = cm.meta(1, *shape)
+        for _ in range(k): h = h - ae(h, cm.tvec(), z)
+        reg(h).float().sum().backward()
+    return cm.count_flops(f)
+
+def test_per_call_counts_match_the_unrolled_chains():
+    U = lambda: cm.lib("make_unet2d")("tiny", 3, 16)
+    R = lambda: cm.lib("EllipseCNN")(1, in_channels=3, img_size=16)
+    assert cm.acre_iteration(U, cm.unet2d_call, R, (3, 16, 16), 3) == _unrolled_acre(U, R, (3, 16, 16), 3)
+    A = lambda: cm.lib("DiffAE")("tiny", 3, 16, z_dim=32, enc_channels=(8, 16))
+    assert cm.diffae_re_step(A, R, (3, 16, 16), 3, 32) == _unrolled_diffae_re(A, R, (3, 16, 16), 3, 32)
