@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 from diffexplain.data import make_ellipses, moment_log_ar, split_indices
-from diffexplain.diffusion import ellipse_quality, from_model_range
+from diffexplain.diffusion import from_model_range
+from diffexplain.ellipse_study import ellipse_quality
 from diffexplain.guided_sampling import constrained_sample, feature_stats, reject, sample_seeds
 from diffexplain.metrics import coverage
 
@@ -24,8 +25,7 @@ def load(args):
     if args.models:
         M = torch.load(args.models, weights_only=False)
         return M["unet"].eval(), dict(M["sched"]), M["clf"].eval(), M["reg"].eval(), dict(ddpm=M.get("ddpm_path"), models=M.get("paths"))
-    from diffexplain.diffusion import ellipse_ddpm
-    from diffexplain.models import ellipse_models
+    from diffexplain.ellipse_study import ellipse_ddpm, ellipse_models
     d = ellipse_ddpm("quick", cache_dir=args.cache_dir, progress=False)
     ms = ellipse_models("quick", cache_dir=args.cache_dir, which=("classifier", "log_ar"), progress=False)
     return (d["unet"].eval(), dict(d["scheduler"].config), ms["classifier"]["model"].eval(), ms["log_ar"]["model"].eval(),

@@ -22,7 +22,7 @@ from .diffusion import eps_fn as unet_eps
 from .guided_sampling import (constrained_sweep, constrained_sample, feature_stats, acceptance_rates, sample_seeds,
                                          target_file, gaussian_eps, sampling_study, convergence_chain, dps_direction)
 from .scores import (scores_from_sweep, score_test, attribution_study, study_targets, sampler_feature,
-                                sampler_decision, constraint_errors)
+                                sampler_decision, constraint_errors, plot_target_vs_result, sample_rows, plot_sample_rows)
 from .counterfactuals import ce_summary, _check_res, _ce_rows
 from .metrics import coverage, embed, vgg16_embedding
 
@@ -31,8 +31,7 @@ __all__ = ['ELLIPSE_PROFILES', 'ELLIPSE_TARGETS', 'DDPM_PROFILES', 'TOY', 'SAMPL
            'STUDY_PROFILES', 'ELLIPSE_CE_PROFILES', 'ellipse_models', 'ellipse_check', 'ellipse_quality',
            'ellipse_ddpm', 'toy_decision', 'gaussian_toy_study', 'ellipse_sampling_study', 'ellipse_test_features',
            'ellipse_attribution', 'plain_samples', 'ellipse_plain_samples', 'classifier_features', 'coverage_encoder',
-           'accepted_images', 'coverage_table', 'plot_target_vs_result', 'sample_rows', 'plot_sample_rows',
-           'ellipse_ce_metrics', 'ellipse_ce']
+           'accepted_images', 'coverage_table', 'ellipse_ce_metrics', 'ellipse_ce']
 
 # %% ../nbs/08_ellipse_study.ipynb #e3fdf1f7
 ELLIPSE_PROFILES = {
@@ -466,64 +465,6 @@ def coverage_table(real, # (N, 1, H, W) real test images in [0, 1]
         cov = coverage(fr, embed(pick(imgs), encoder, device=device, progress=False), k=list(ks), device=device)
         rows[name] = {f"k={k}": cov[k] for k in ks} | {"n": int(n)}
     return pd.DataFrame.from_dict(rows, orient="index")
-
-# %% ../nbs/08_ellipse_study.ipynb #b7a9e8fa
-def plot_target_vs_result(result: dict, # from `ellipse_attribution` / `attribution_study`
-                          label: str|None = None, # axis label (default `result["label"]`)
-                          ax=None, # matplotlib axes; None: a new figure
-                         ) -> plt.Figure:
-    "Target v0 against the measured feature g(x) of every sample, with the ±tol·σ_V band (paper Fig. 10)."
-    sw = result["sweep"]; acc = sw["accepted"].astype(bool); tol = result.get("sampler", {}).get("tol", 0.3)
-    fig, ax = plt.subplots(figsize=(3.6, 3.4)) if ax is None else (ax.figure, ax)
-    ax.scatter(sw["target"][~acc], sw["v"][~acc], s=6, alpha=.5, color="C3", label=f"rejected ({(~acc).sum()})")
-    ax.scatter(sw["target"][acc], sw["v"][acc], s=6, alpha=.5, color="C0", label=f"accepted ({acc.sum()})")
-    lo, hi = float(np.min(sw["target"])), float(np.max(sw["target"]))
-    xs = np.array([lo, hi]); band = tol*result["sigma_v"]
-    ax.plot(xs, xs, color="k", lw=.8)
-    if tol < 100: ax.fill_between(xs, xs - band, xs + band, color="grey", alpha=.25, label=f"±{tol} σ_V")
-    lab = label or result.get("label", "feature")
-    ax.set(xlabel=f"target {lab}", ylabel=f"result {lab}"); ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-def sample_rows(result: dict, # from `ellipse_attribution` (with images)
-                n_rows: int = 6, # targets shown, evenly spaced over the sorted targets
-                n_cols: int = 8, # samples per row, accepted ones first
-               ) -> tuple: # (images (n_rows, n_cols, H, W) in [0, 1], targets (n_rows,), accepted (n_rows, n_cols) bool)
-    "Pick rows of samples with the same target for a grid (paper Figs. 3, 11, 12)."
-    sw = result["sweep"]
-    if "images" not in sw: raise ValueError("`result` holds no images: run the study with keep_images=True")
-    groups = np.unique(sw["group"]); tv = np.array([sw["target"][sw["group"] == j][0] for j in groups])
-    order = groups[np.argsort(tv)]
-    if not 1 <= n_rows <= len(order): raise ValueError(f"`n_rows` must be in [1, {len(order)}] (the number of targets), got {n_rows}")
-    rows = order[np.unique(np.round(np.linspace(0, len(order) - 1, n_rows)).astype(int))]
-    imgs, tgs, accs = [], [], []
-    for j in rows:
-        idx = np.where(sw["group"] == j)[0]
-        if n_cols > len(idx): raise ValueError(f"`n_cols` must be ≤ {len(idx)} (samples per target), got {n_cols}")
-        idx = idx[np.argsort(~sw["accepted"][idx].astype(bool), kind="stable")][:n_cols]
-        imgs.append(((sw["images"][idx, 0] + 1)/2).clip(0, 1)); tgs.append(float(sw["target"][idx[0]])); accs.append(sw["accepted"][idx].astype(bool))
-    return np.stack(imgs), np.array(tgs), np.stack(accs)
-
-def plot_sample_rows(images, # (rows, cols, H, W) in [0, 1]
-                     targets, # (rows,) target of each row
-                     accepted=None, # (rows, cols) bool; rejected samples get a red frame
-                     label: str = "v0", # row-label prefix
-                     title: str|None = None, # figure title
-                     size: float = 0.8, # inches per image
-                    ) -> plt.Figure:
-    "A grid of samples, one row per target value."
-    images = np.asarray(images); R, Cn = images.shape[:2]
-    fig, axes = plt.subplots(R, Cn, figsize=(Cn*size + 1.2, R*size + (0.3 if title else 0)), squeeze=False)
-    for i in range(R):
-        for j in range(Cn):
-            ax = axes[i, j]; ax.imshow(images[i, j], cmap="gray", vmin=0, vmax=1); ax.set_xticks([]); ax.set_yticks([])
-            if accepted is not None and not accepted[i, j]:
-                for s in ax.spines.values(): s.set_color("red"); s.set_linewidth(2)
-        axes[i, 0].set_ylabel(f"{label}={targets[i]:.3g}", fontsize=7, rotation=0, ha="right", va="center")
-    if title: fig.suptitle(title, fontsize=9)
-    fig.tight_layout(pad=0.2)
-    return fig
 
 # %% ../nbs/08_ellipse_study.ipynb #a188abdd
 ELLIPSE_CE_PROFILES = {
