@@ -13,8 +13,10 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 from .data import (get_device, cache_path, config_hash, atomic_write, check_tensor, load_brain_rois,
-                              subject_split, save_arrays, load_arrays)
-from .models import BRAIN_PROFILES, BRAIN_SPLIT, brain_table, brain_models, save_checkpoint, load_checkpoint
+                              subject_split, save_arrays, load_arrays, code_version, make_brain_phantoms, class_weights,
+                              BrainROIDataset)
+from .models import (save_checkpoint, load_checkpoint, resnet10t_3d, Rescaled, train_model, load_or_train, predict,
+                                accuracy, balanced_accuracy, r2_score, _seeded, _code, _TRAIN_CODE)
 from .diffusion import (make_scheduler, make_autoencoder3d, make_unet3d, vae_loss, to_model_range,
                                    from_model_range, model_config, data_fingerprint, train_diffusion, LatentTransform,
                                    latent_scale_factor, decode_latent)
@@ -24,11 +26,11 @@ from .scores import balanced_global_score, global_score, local_scores
 from .counterfactuals import diffusion_ce
 
 # %% auto #0
-__all__ = ['BRAIN_RHO', 'BRAIN_STUDY_PROFILES', 'LDM_UNETS', 'check_study_profile', 'make_ldm_unet', 'oasis3_help', 'brain_data',
-           'train_vae', 'LatentModel', 'load_or_train_vae', 'load_or_train_ldm', 'volume_feature', 'ad_logit',
-           'BrainStudy', 'brain_study', 'balanced_targets', 'volume_sweep', 'hippocampus_sweep', 'sweep_scores',
-           'study_volume_sweep', 'study_hippocampus_sweep', 'volume_edit', 'brain_counterfactuals', 'central_slice',
-           'show_slices']
+__all__ = ['BRAIN_RHO', 'BRAIN_STUDY_PROFILES', 'LDM_UNETS', 'BRAIN_PROFILES', 'BRAIN_SPLIT', 'check_study_profile',
+           'make_ldm_unet', 'brain_table', 'brain_models', 'oasis3_help', 'brain_data', 'train_vae', 'LatentModel',
+           'load_or_train_vae', 'load_or_train_ldm', 'volume_feature', 'ad_logit', 'BrainStudy', 'brain_study',
+           'balanced_targets', 'volume_sweep', 'hippocampus_sweep', 'sweep_scores', 'study_volume_sweep',
+           'study_hippocampus_sweep', 'volume_edit', 'brain_counterfactuals', 'central_slice', 'show_slices']
 
 # %% ../nbs/09_brain_study.ipynb #ff4938be
 BRAIN_RHO = {"hippocampal_volume": {0: 0.04, 401: 0.03}, "hippocampus": 0.4} # guidance step ρ_t, attribution paper App. D Table 9
@@ -69,6 +71,79 @@ def make_ldm_unet(name: str = "paper", # "tiny" | "small" | "paper"
     from monai.networks.nets import DiffusionModelUNet
     if name in LDM_UNETS: return DiffusionModelUNet(spatial_dims=3, in_channels=1, out_channels=1, **LDM_UNETS[name])
     return make_unet3d(name) # raises for unknown names
+
+# %% ../nbs/09_brain_study.ipynb #0bea7896
+BRAIN_PROFILES = {
+    "smoke": dict(data="phantoms", n_subjects=12, shape=(48, 64, 48), roi_size=32, n_aug=2, max_deg=10.0,
+                  lr=1e-3, batch_size=8, max_epochs=2, patience=2),
+    "quick": dict(data="oasis3", roi_size=64, n_aug=10, max_deg=10.0, lr=1e-3, batch_size=16, max_epochs=10, patience=3),
+    "paper": dict(data="oasis3", roi_size=64, n_aug=10, max_deg=10.0, lr=1e-5, batch_size=16, max_epochs=200, patience=20),
+}
+BRAIN_SPLIT = dict(test_frac=0.2, val_frac=0.1)   # subject fractions (per diagnosis); the paper tests 186 of 929
+
+def brain_table(profile: str, # "smoke" | "quick" | "paper"
+                data_dir: str|Path = "data", # OASIS-3 in `data_dir/oasis3`; smoke phantoms are written here
+                seed: int = 0, # phantom seed (smoke)
+               ) -> Path: # the subject table `brain_models` reads (may not exist for real data)
+    "Where `brain_models` finds its subject table; in smoke, writes the phantoms there first."
+    if profile not in BRAIN_PROFILES: raise ValueError(f"`profile` must be one of {list(BRAIN_PROFILES)}, got {profile!r}")
+    p = BRAIN_PROFILES[profile]
+    if p["data"] != "phantoms": return Path(data_dir)/"oasis3"/"subjects.csv"
+    pc = dict(n_subjects=p["n_subjects"], shape=list(p["shape"]), seed=seed)
+    table = Path(data_dir)/f"brain_phantoms-{config_hash(pc)}"/"subjects.csv"
+    if not table.is_file(): make_brain_phantoms(table.parent, p["n_subjects"], seed, p["shape"])   # table written last
+    return table
+
+def brain_models(profile: str = "quick", # "smoke" | "quick" | "paper" (see `BRAIN_PROFILES`)
+                 data_dir: str|Path = "data", # see `brain_table`
+                 cache_dir: str|Path|None = None, # ROI arrays and checkpoints (default `default_cache_dir()`)
+                 seed: int = 0, # phantoms, split, rotations, initial weights and batch order
+                 device: str = "cpu", # "cpu", "cuda" or "auto"
+                 progress: bool = True, # tqdm bars
+                ) -> dict: # classifier/regressor dicts, test logits, volume(_pred), label, subject, balanced_accuracy, r2, data
+    "Train or load the 3D ResNet-10t AD classifier and hippocampal-volume regressor; test metrics and outputs."
+    table = brain_table(profile, data_dir, seed); p = BRAIN_PROFILES[profile]
+    rois = load_brain_rois(table, size=p["roi_size"], cache_dir=cache_dir)   # FileNotFoundError names what is missing
+    split = subject_split(rois["subject"], rois["label"], seed=seed, **BRAIN_SPLIT)
+    if not all(len(v) for v in split.values()): raise ValueError(f"{table}: too few subjects for a train/val/test split")
+    tr, va, te = split["train"], split["val"], split["test"]
+    vol = rois["volume"].astype(np.float64); mean, std = float(vol[tr].mean()), float(vol[tr].std())
+    data = {**rois, "volume_z": ((vol - mean)/std).astype(np.float32)}
+    synthetic = p["data"] == "phantoms"
+    base = dict(model="resnet10t_3d", profile=profile, seed=seed, split=BRAIN_SPLIT,
+                code=_code("resnet10t", "to_3d", "resnet10t_3d", "Rescaled", "_seeded", *_TRAIN_CODE) + code_version(BrainROIDataset, class_weights),
+                data=dict(kind=p["data"], table=str(table) if synthetic else str(Path(table).resolve()),
+                          n_rois=len(vol), roi_size=p["roi_size"]),
+                **{k: p[k] for k in ("n_aug", "max_deg", "lr", "batch_size", "max_epochs", "patience")})
+    out = {}
+    for key, target, task in (("classifier", "label", "binary"), ("regressor", "volume_z", "regression")):
+        cfg = dict(base, target="label" if task == "binary" else "volume", task=task,
+                   **({} if task == "binary" else dict(mean=mean, std=std)))
+        def build(c, task=task):
+            net = _seeded(c["seed"], lambda: resnet10t_3d(in_chans=1, num_classes=1))
+            return net if task == "binary" else Rescaled(net, c["mean"], c["std"])
+        def train(m, c, target=target, task=task):
+            t0 = time.time()
+            tr_ds = BrainROIDataset(data, tr, target=target, n_aug=c["n_aug"], max_deg=c["max_deg"], seed=c["seed"])
+            w = np.repeat(class_weights(rois["label"][tr]).numpy(), c["n_aug"]) if task == "binary" else None
+            net, hist = train_model(m if task == "binary" else m.net, tr_ds, BrainROIDataset(data, va, target=target),
+                                    task=task, lr=c["lr"], batch_size=c["batch_size"], max_epochs=c["max_epochs"],
+                                    patience=c["patience"], sample_weights=w, seed=c["seed"], device=device,
+                                    progress=progress)
+            return m, {"history": hist, "train_time": time.time() - t0, "epochs": len(hist)}
+        model, meta = load_or_train(f"brain-{key}", cfg, build, train, cache_dir)
+        outputs = predict(model, BrainROIDataset(data, te, target=target), batch_size=16, device=device)[:, 0].numpy()
+        if task == "binary":
+            yp = (outputs > 0).astype(np.int64)
+            metrics = dict(accuracy=accuracy(rois["label"][te], yp), balanced_accuracy=balanced_accuracy(rois["label"][te], yp))
+        else: metrics = dict(r2=r2_score(vol[te], outputs), mae=float(np.abs(vol[te] - outputs).mean()))
+        out[key] = dict(model=model, metrics=metrics, outputs=outputs, config=cfg, loaded=meta["loaded"], path=meta["path"],
+                        train_time=meta.get("train_time"), epochs=meta.get("epochs"), history=meta.get("history"))
+    return dict(**out, logits=out["classifier"]["outputs"], volume_pred=out["regressor"]["outputs"], volume=vol[te],
+                label=rois["label"][te], subject=rois["subject"][te], hemisphere=rois["hemisphere"][te],
+                balanced_accuracy=out["classifier"]["metrics"]["balanced_accuracy"], r2=out["regressor"]["metrics"]["r2"],
+                synthetic=synthetic, table=str(table), n={k: len(v) for k, v in split.items()},
+                data="synthetic brain phantoms (make_brain_phantoms), not OASIS-3" if synthetic else "OASIS-3")
 
 # %% ../nbs/09_brain_study.ipynb #421f7a68
 def oasis3_help(data_dir: str|Path = "data", # the reproduction's `data_dir`

@@ -13,17 +13,13 @@ from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 from .data import check_tensor, save_arrays, load_arrays, config_hash
 from .data import fingerprint, open_store, check_int, check_number, check_choice
-from .data import get_device
-from .diffusion import load_or_train_ddpm, eps_fn, ddim_encode, ddim_decode
-from .data import make_ellipses, moment_log_ar, moment_area, CelebA
-from .models import celeba_classifier
+from .diffusion import eps_fn, ddim_encode, ddim_decode
 
 # %% auto #0
-__all__ = ['DIFFAE_DISTANCES', 'CELEBA_CE_PROFILES', 'to_f_range', 'check_differentiable', 'check_reference',
-           'respaced_scheduler', 'last_timesteps', 'ddpm_step', 'posterior_variance', 'diffusion_filter', 'change_mask',
-           'sample_streams', 'repaint_refine', 'acre', 'diffae_re', 'DiffAECodec', 'diffusion_ce', 'flip_rate',
-           'reference_sweep', 'plot_reference_sweep', 'run_batched', 'ce_summary', 'plot_ce_pairs', 'celeba_ce',
-           'tint_sensitivity']
+__all__ = ['DIFFAE_DISTANCES', 'to_f_range', 'check_differentiable', 'check_reference', 'respaced_scheduler', 'last_timesteps',
+           'ddpm_step', 'posterior_variance', 'diffusion_filter', 'change_mask', 'sample_streams', 'repaint_refine',
+           'acre', 'diffae_re', 'DiffAECodec', 'diffusion_ce', 'flip_rate', 'reference_sweep', 'plot_reference_sweep',
+           'run_batched', 'ce_summary', 'plot_ce_pairs', 'tint_sensitivity']
 
 # %% ../nbs/05_counterfactuals.ipynb #8b08bc4e
 def to_f_range(x,               # images in [-1, 1]
@@ -604,63 +600,6 @@ def _ce_rows(x01, kw, classifier_weight, control, batch_size, seed, store_dir, p
         table[name] = {**metrics(x01.numpy(), x_cf01, out), "seconds per CE": secs[name] / len(x01)}
         raw[name] = {**out, "x_cf01": x_cf01}
     return table, raw, secs
-
-# %% ../nbs/05_counterfactuals.ipynb #e11a000a
-CELEBA_CE_PROFILES = {
-    # the DDPM is trained on the classifier's training images at the classifier's resolution (`CELEBA_PROFILES`:
-    # smoke 32 px stand-in, quick 64 px, paper 128 px); n_ddpm: training images held in memory (None: all)
-    "smoke": dict(unet="tiny", n_ddpm=None, ddpm_steps=40, ddpm_batch=16, ddpm_lr=2e-3, n=8, num_steps=20, batch_size=8),
-    "quick": dict(unet="quick", n_ddpm=20_000, ddpm_steps=20_000, ddpm_batch=32, ddpm_lr=2e-4, n=100, num_steps=200, batch_size=25),
-    "paper": dict(unet="celeba", n_ddpm=None, ddpm_steps=300_000, ddpm_batch=64, ddpm_lr=1e-5, n=1000, num_steps=200, batch_size=50),
-}
-
-def _stack_images(ds, idx, progress=False):
-    "Load items `idx` of an image dataset into one (n, C, H, W) tensor."
-    return torch.stack([ds[int(i)][0] for i in tqdm(idx, desc="loading images", disable=not progress, leave=False)])
-
-def celeba_ce(profile: str = "quick", # smoke | quick | paper (`CELEBA_CE_PROFILES`)
-              data_dir="data",        # real CelebA in data_dir/celeba (smoke writes the package's stand-in here)
-              cache_dir=None,         # classifier and DDPM checkpoints
-              seed: int = 0,
-              n: int|None = -1,       # test images to explain (-1: the profile's, None: the whole test split)
-              classifier_weight: float = 0.1, dist_weight: float = 0.15, start: float = 0.5,
-              num_steps: int|None = None, batch_size: int|None = None, # None: the profile's
-              control: bool = True,   # also run with classifier weight 0
-              device: str = "cpu", store_dir=None, progress: bool = True,
-             ) -> dict: # table {row: metrics}, raw, x01, attrs of the explained images, classifier/DDPM info, seconds
-    "Diffusion counterfactuals of the CelebA gender classifier (attribution paper Fig. 9, paper flip rate 62.2 %)."
-    if profile not in CELEBA_CE_PROFILES: raise ValueError(f"`profile` must be one of {list(CELEBA_CE_PROFILES)}, got {profile!r}")
-    P = dict(CELEBA_CE_PROFILES[profile], classifier_weight=classifier_weight, dist_weight=dist_weight, start=start)
-    for k, v in dict(num_steps=num_steps, batch_size=batch_size).items():
-        if v is not None: P[k] = v
-    if n != -1: P["n"] = n
-    dev = get_device(device)
-    clf = celeba_classifier(profile, data_dir=data_dir, cache_dir=cache_dir, seed=seed, device=device, progress=progress)
-    root, size = Path(clf["root"]), clf["config"]["size"]
-    train, test = CelebA(root, "train", size), CelebA(root, "test", size)
-    rng = np.random.default_rng(seed)
-    di = np.arange(len(train)) if P["n_ddpm"] is None or P["n_ddpm"] >= len(train) else np.sort(rng.choice(len(train), P["n_ddpm"], replace=False))
-    t0 = time.time()
-    unet, sched, info = load_or_train_ddpm(_stack_images(train, di, progress), P["unet"], f"celeba-ddpm-{profile}",
-                                           steps=P["ddpm_steps"], cache_dir=cache_dir, seed=seed, with_info=True,
-                                           batch_size=P["ddpm_batch"], lr=P["ddpm_lr"], device=device, progress=progress)
-    ddpm_s = time.time() - t0
-    unet = unet.to(dev).eval(); model = clf["model"].to(dev).eval()
-    for m in (unet, model):
-        for p in m.parameters(): p.requires_grad_(False)
-    ti = np.arange(len(test))
-    if P["n"] is not None:
-        if not 1 <= P["n"] <= len(test): raise ValueError(f"`n` must be in [1, {len(test)}] (test images), got {P['n']}")
-        ti = np.sort(rng.choice(len(test), P["n"], replace=False))
-    x01 = _stack_images(test, ti)
-    kw = dict(eps=eps_fn(unet), scheduler=sched, classifier=model, dist_weight=dist_weight, start=start, num_steps=P["num_steps"])
-    table, raw, secs = _ce_rows(x01, kw, classifier_weight, control, P["batch_size"], seed, store_dir, progress, dev,
-                                lambda x01n, x_cf01, out: {**ce_summary(out), "L1 per pixel": float(np.abs(x_cf01 - x01n).mean())})
-    a = test.attr_names.index(clf["config"]["target"])
-    return dict(table=table, raw=raw, x01=x01.numpy(), idx=ti, label=test.attrs[ti, a].numpy(), attrs=test.attrs[ti].numpy(),
-                attr_names=list(test.attr_names), seconds=secs, hp=P, n=len(ti), size=size, data=clf["data"],
-                synthetic=clf["synthetic"], classifier_metrics=clf["metrics"], classifier_loaded=clf["loaded"],
-                ddpm_loaded=info["loaded"], ddpm_train_s=info["train_s"], ddpm_seconds=ddpm_s, n_ddpm=len(di))
 
 # %% ../nbs/05_counterfactuals.ipynb #b8d2f1e3
 def tint_sensitivity(f,                  # regressor on images in [0, 1] (returns (n,) or (n, 1))

@@ -10,21 +10,19 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, TensorDataset, WeightedRandomSampler
 import timm
 import torchvision
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 from .data import check_int, check_number
-from .data import (seed_everything, get_device, cache_path, code_version, config_hash, atomic_write, check_tensor, make_ellipses,
-    split_indices, CELEBA_ATTRS, CelebA, write_tiny_celeba, make_brain_phantoms, load_brain_rois,
-    subject_split, class_weights, BrainROIDataset)
+from .data import (seed_everything, get_device, cache_path, code_version, atomic_write, check_tensor)
+from .data import from_shipped
 
 # %% auto #0
-__all__ = ['CELEBA_PROFILES', 'BRAIN_PROFILES', 'BRAIN_SPLIT', 'cnn_block', 'EllipseCNN', 'resnet10t', 'to_3d', 'resnet10t_3d',
-           'square_resnet18', 'densenet121_regressor', 'age_oracle', 'Rescaled', 'accuracy', 'balanced_accuracy',
-           'r2_score', 'l2_penalty', 'predict', 'evaluate', 'train_model', 'save_checkpoint', 'load_checkpoint',
-           'load_or_train', 'celeba_classifier', 'brain_table', 'brain_models']
+__all__ = ['cnn_block', 'EllipseCNN', 'resnet10t', 'to_3d', 'resnet10t_3d', 'square_resnet18', 'densenet121_regressor',
+           'age_oracle', 'Rescaled', 'accuracy', 'balanced_accuracy', 'r2_score', 'l2_penalty', 'predict', 'evaluate',
+           'train_model', 'save_checkpoint', 'load_checkpoint', 'load_or_train']
 
 # %% ../nbs/01_models.ipynb #6b09537c
 def cnn_block(c_in: int, # input channels
@@ -357,17 +355,19 @@ def load_or_train(name: str, # artefact name, e.g. "ellipse-classifier"
                   build_fn, # build_fn(config) -> untrained model
                   train_fn, # train_fn(model, config) -> model or (model, meta dict)
                   cache_dir: str|Path|None = None, # defaults to `diffexplain.data.default_cache_dir()`
-                 ) -> tuple: # (model in eval mode, meta: dict with `path`, `loaded` and what train_fn returned)
-    "Reuse the checkpoint of `name` for `config` if it exists, else train, save and return the model."
+                  shipped: bool|None = None, # take a missing entry from the package's shipped store (`from_shipped`); None: unless `$DIFFEXPLAIN_SHIPPED=0`
+                 ) -> tuple: # (model in eval mode, meta: dict with `path`, `loaded`, `shipped` and what train_fn returned)
+    "Reuse the checkpoint of `name` for `config` (from the cache, else the shipped store) if it exists, else train, save and return the model."
     path = cache_path(name, config, cache_dir)
     model = build_fn(config)
+    if not (path/"config.json").exists(): from_shipped(path, shipped=shipped)
     if (path/"config.json").exists():
         model, meta = load_checkpoint(model, path, config)
-        return model, {**meta, "path": str(path), "loaded": True}
+        return model, {**meta, "path": str(path), "loaded": True, "shipped": (path/"shipped.json").exists()}
     out = train_fn(model, config)
     model, meta = out if isinstance(out, tuple) else (out, {})
     save_checkpoint(model, path, config, meta)
-    return model.eval(), {**meta, "path": str(path), "loaded": False}
+    return model.eval(), {**meta, "path": str(path), "loaded": False, "shipped": False}
 
 # %% ../nbs/01_models.ipynb #0e62ca43
 def _seeded(seed, build): # build a model with its initial weights drawn from `seed`
@@ -377,137 +377,3 @@ _TRAIN_CODE = ("train_model", "l2_penalty", "_loss", "evaluate", "predict") # th
 
 def _code(*names): # `code_version` of this chapter's functions/classes, by name
     return code_version(*(globals()[k] for k in names))
-
-# %% ../nbs/01_models.ipynb #6c3a9a98
-CELEBA_PROFILES = {
-    "smoke": dict(data="stand-in", n_images=500, img_shape=(40, 32), size=32, n_train=None, n_val=None,
-                  lr=1e-3, batch_size=32, max_epochs=3, patience=3),
-    "quick": dict(data="celeba", size=64, n_train=20_000, n_val=2_000, lr=1e-3, batch_size=64, max_epochs=3, patience=2),
-    "paper": dict(data="celeba", size=128, n_train=None, n_val=None, lr=1e-5, batch_size=64, max_epochs=100, patience=10),
-}
-
-def _subset(ds, n, rng): # a seeded random subset of at most n items (None: all)
-    return ds if n is None or n >= len(ds) else Subset(ds, np.sort(rng.permutation(len(ds))[:n]))
-
-def celeba_classifier(profile: str = "quick", # "smoke" | "quick" | "paper" (see `CELEBA_PROFILES`)
-                      data_dir: str|Path = "data", # real CelebA in `data_dir/celeba`; smoke writes its stand-in here
-                      cache_dir: str|Path|None = None, # checkpoints (default `default_cache_dir()`)
-                      seed: int = 0, # initial weights, batch order, subsets and the smoke stand-in
-                      device: str = "cpu", # "cpu", "cuda" or "auto"
-                      attribute: str = "Male", # the CelebA attribute the classifier predicts
-                      progress: bool = True, # tqdm bars
-                     ) -> dict: # model, metrics, test logits/decisions/target, attrs (n,40) 0/1, attr_names, data, …
-    "Train or load the ResNet-10t CelebA classifier of App. A and return its test decisions and the 40 attributes."
-    if profile not in CELEBA_PROFILES: raise ValueError(f"`profile` must be one of {list(CELEBA_PROFILES)}, got {profile!r}")
-    if attribute not in CELEBA_ATTRS: raise ValueError(f"`attribute` must be a CelebA attribute, one of {CELEBA_ATTRS}; got {attribute!r}")
-    p = CELEBA_PROFILES[profile]
-    if p["data"] == "stand-in":
-        data_id = dict(kind="stand-in", n=p["n_images"], img_shape=list(p["img_shape"]), seed=seed)
-        root = Path(data_dir)/f"celeba_smoke_standin-{config_hash(data_id)}"
-        if not (root/"list_eval_partition.txt").is_file():       # written last: its presence marks a complete folder
-            write_tiny_celeba(root, n=p["n_images"], seed=seed, img_shape=p["img_shape"])
-    else:
-        root, data_id = Path(data_dir)/"celeba", dict(kind="celeba")
-    try:
-        sets = {k: CelebA(root, sp, p["size"], attrs=attribute) for k, sp in (("train", "train"), ("val", "valid"))}
-        test = CelebA(root, "test", p["size"])                    # all 40 attributes of every test image
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"celeba_classifier(profile={profile!r}) needs the real CelebA in {root}.\n{e}\n"
-                                "Use profile='smoke' for the synthetic pipeline check.") from None
-    rng = np.random.default_rng(seed)
-    train_ds, val_ds = _subset(sets["train"], p["n_train"], rng), _subset(sets["val"], p["n_val"], rng)
-    cfg = dict(model="resnet10t", target=attribute, profile=profile, data=data_id, seed=seed, n_train=len(train_ds),
-               code=_code("resnet10t", "_seeded", *_TRAIN_CODE),
-               n_val=len(val_ds), **{k: p[k] for k in ("size", "lr", "batch_size", "max_epochs", "patience")})
-    def train(m, c):
-        t0 = time.time()
-        m, hist = train_model(m, train_ds, val_ds, task="binary", lr=c["lr"], batch_size=c["batch_size"],
-                              max_epochs=c["max_epochs"], patience=c["patience"], seed=c["seed"], device=device,
-                              progress=progress)
-        return m, {"history": hist, "train_time": time.time() - t0, "epochs": len(hist)}
-    model, meta = load_or_train(f"celeba-{attribute}", cfg, lambda c: _seeded(c["seed"], lambda: resnet10t(3, 1)),
-                                train, cache_dir)
-    logits = predict(model, test, device=device)[:, 0]
-    target = test.attrs[:, test.attr_names.index(attribute)]
-    decisions = (logits > 0).long()
-    metrics = dict(loss=float(F.binary_cross_entropy_with_logits(logits, target.float())),
-                   accuracy=accuracy(target, decisions), balanced_accuracy=balanced_accuracy(target, decisions))
-    return dict(model=model, metrics=metrics, logits=logits.numpy(), decisions=decisions.numpy(), target=target.numpy(),
-                attrs=test.attrs.numpy(), attr_names=list(test.attr_names), files=list(test.files),
-                data="synthetic stand-in (write_tiny_celeba), not CelebA" if p["data"] == "stand-in" else "CelebA",
-                synthetic=p["data"] == "stand-in", root=str(root), config=cfg, loaded=meta["loaded"], path=meta["path"],
-                train_time=meta.get("train_time"), epochs=meta.get("epochs"), history=meta.get("history"),
-                n=dict(train=len(train_ds), val=len(val_ds), test=len(test)))
-
-# %% ../nbs/01_models.ipynb #0bea7896
-BRAIN_PROFILES = {
-    "smoke": dict(data="phantoms", n_subjects=12, shape=(48, 64, 48), roi_size=32, n_aug=2, max_deg=10.0,
-                  lr=1e-3, batch_size=8, max_epochs=2, patience=2),
-    "quick": dict(data="oasis3", roi_size=64, n_aug=10, max_deg=10.0, lr=1e-3, batch_size=16, max_epochs=10, patience=3),
-    "paper": dict(data="oasis3", roi_size=64, n_aug=10, max_deg=10.0, lr=1e-5, batch_size=16, max_epochs=200, patience=20),
-}
-BRAIN_SPLIT = dict(test_frac=0.2, val_frac=0.1)   # subject fractions (per diagnosis); the paper tests 186 of 929
-
-def brain_table(profile: str, # "smoke" | "quick" | "paper"
-                data_dir: str|Path = "data", # OASIS-3 in `data_dir/oasis3`; smoke phantoms are written here
-                seed: int = 0, # phantom seed (smoke)
-               ) -> Path: # the subject table `brain_models` reads (may not exist for real data)
-    "Where `brain_models` finds its subject table; in smoke, writes the phantoms there first."
-    if profile not in BRAIN_PROFILES: raise ValueError(f"`profile` must be one of {list(BRAIN_PROFILES)}, got {profile!r}")
-    p = BRAIN_PROFILES[profile]
-    if p["data"] != "phantoms": return Path(data_dir)/"oasis3"/"subjects.csv"
-    pc = dict(n_subjects=p["n_subjects"], shape=list(p["shape"]), seed=seed)
-    table = Path(data_dir)/f"brain_phantoms-{config_hash(pc)}"/"subjects.csv"
-    if not table.is_file(): make_brain_phantoms(table.parent, p["n_subjects"], seed, p["shape"])   # table written last
-    return table
-
-def brain_models(profile: str = "quick", # "smoke" | "quick" | "paper" (see `BRAIN_PROFILES`)
-                 data_dir: str|Path = "data", # see `brain_table`
-                 cache_dir: str|Path|None = None, # ROI arrays and checkpoints (default `default_cache_dir()`)
-                 seed: int = 0, # phantoms, split, rotations, initial weights and batch order
-                 device: str = "cpu", # "cpu", "cuda" or "auto"
-                 progress: bool = True, # tqdm bars
-                ) -> dict: # classifier/regressor dicts, test logits, volume(_pred), label, subject, balanced_accuracy, r2, data
-    "Train or load the 3D ResNet-10t AD classifier and hippocampal-volume regressor; test metrics and outputs."
-    table = brain_table(profile, data_dir, seed); p = BRAIN_PROFILES[profile]
-    rois = load_brain_rois(table, size=p["roi_size"], cache_dir=cache_dir)   # FileNotFoundError names what is missing
-    split = subject_split(rois["subject"], rois["label"], seed=seed, **BRAIN_SPLIT)
-    if not all(len(v) for v in split.values()): raise ValueError(f"{table}: too few subjects for a train/val/test split")
-    tr, va, te = split["train"], split["val"], split["test"]
-    vol = rois["volume"].astype(np.float64); mean, std = float(vol[tr].mean()), float(vol[tr].std())
-    data = {**rois, "volume_z": ((vol - mean)/std).astype(np.float32)}
-    synthetic = p["data"] == "phantoms"
-    base = dict(model="resnet10t_3d", profile=profile, seed=seed, split=BRAIN_SPLIT,
-                code=_code("resnet10t", "to_3d", "resnet10t_3d", "Rescaled", "_seeded", *_TRAIN_CODE) + code_version(BrainROIDataset, class_weights),
-                data=dict(kind=p["data"], table=str(table) if synthetic else str(Path(table).resolve()),
-                          n_rois=len(vol), roi_size=p["roi_size"]),
-                **{k: p[k] for k in ("n_aug", "max_deg", "lr", "batch_size", "max_epochs", "patience")})
-    out = {}
-    for key, target, task in (("classifier", "label", "binary"), ("regressor", "volume_z", "regression")):
-        cfg = dict(base, target="label" if task == "binary" else "volume", task=task,
-                   **({} if task == "binary" else dict(mean=mean, std=std)))
-        def build(c, task=task):
-            net = _seeded(c["seed"], lambda: resnet10t_3d(in_chans=1, num_classes=1))
-            return net if task == "binary" else Rescaled(net, c["mean"], c["std"])
-        def train(m, c, target=target, task=task):
-            t0 = time.time()
-            tr_ds = BrainROIDataset(data, tr, target=target, n_aug=c["n_aug"], max_deg=c["max_deg"], seed=c["seed"])
-            w = np.repeat(class_weights(rois["label"][tr]).numpy(), c["n_aug"]) if task == "binary" else None
-            net, hist = train_model(m if task == "binary" else m.net, tr_ds, BrainROIDataset(data, va, target=target),
-                                    task=task, lr=c["lr"], batch_size=c["batch_size"], max_epochs=c["max_epochs"],
-                                    patience=c["patience"], sample_weights=w, seed=c["seed"], device=device,
-                                    progress=progress)
-            return m, {"history": hist, "train_time": time.time() - t0, "epochs": len(hist)}
-        model, meta = load_or_train(f"brain-{key}", cfg, build, train, cache_dir)
-        outputs = predict(model, BrainROIDataset(data, te, target=target), batch_size=16, device=device)[:, 0].numpy()
-        if task == "binary":
-            yp = (outputs > 0).astype(np.int64)
-            metrics = dict(accuracy=accuracy(rois["label"][te], yp), balanced_accuracy=balanced_accuracy(rois["label"][te], yp))
-        else: metrics = dict(r2=r2_score(vol[te], outputs), mae=float(np.abs(vol[te] - outputs).mean()))
-        out[key] = dict(model=model, metrics=metrics, outputs=outputs, config=cfg, loaded=meta["loaded"], path=meta["path"],
-                        train_time=meta.get("train_time"), epochs=meta.get("epochs"), history=meta.get("history"))
-    return dict(**out, logits=out["classifier"]["outputs"], volume_pred=out["regressor"]["outputs"], volume=vol[te],
-                label=rois["label"][te], subject=rois["subject"][te], hemisphere=rois["hemisphere"][te],
-                balanced_accuracy=out["classifier"]["metrics"]["balanced_accuracy"], r2=out["regressor"]["metrics"]["r2"],
-                synthetic=synthetic, table=str(table), n={k: len(v) for k, v in split.items()},
-                data="synthetic brain phantoms (make_brain_phantoms), not OASIS-3" if synthetic else "OASIS-3")

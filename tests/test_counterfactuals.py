@@ -405,7 +405,8 @@ def test_square_diffae_re_rows(square_smoke, tmp_path):
 
 
 # ------------------------------------------------------------------- diffusion CEs of the ellipse / CelebA classifiers
-from diffexplain.counterfactuals import ce_summary, plot_ce_pairs, celeba_ce
+from diffexplain.counterfactuals import ce_summary, plot_ce_pairs
+from diffexplain.face_study import celeba_ce
 from diffexplain.ellipse_study import ellipse_ce, ellipse_ce_metrics
 from diffexplain.data import make_ellipses, render_ellipses, moment_log_ar
 

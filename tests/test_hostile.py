@@ -27,7 +27,7 @@ from diffusers import DDPMScheduler
 import diffexplain.scores as S, diffexplain.metrics as M, diffexplain.guided_sampling as G
 import diffexplain.counterfactuals as C, diffexplain.data as D, diffexplain.models as MO, diffexplain.diffusion as DF
 import diffexplain.ellipse_study as E
-import diffexplain.square_study as SQ
+import diffexplain.square_study as SQ, diffexplain.face_study as FS, diffexplain.brain_study as BS
 
 torch.set_num_threads(1)
 CLEAR = (ValueError, TypeError, FileNotFoundError, FloatingPointError)
@@ -257,9 +257,9 @@ def _aseg():
 
 # drivers that train models or read real data: a bad profile / choice must be refused before anything runs
 DRIVERS = {
-    E.ellipse_models: dict(profile="nope"), MO.celeba_classifier: dict(profile="nope"), MO.brain_table: dict(profile="nope"),
-    MO.brain_models: dict(profile="nope"), E.ellipse_ddpm: dict(profile="nope"), SQ.square_diffae: dict(profile="nope"),
-    E.ellipse_ce: dict(profile="nope"), C.celeba_ce: dict(profile="nope"), SQ.square_setup: dict(profile="nope"),
+    E.ellipse_models: dict(profile="nope"), FS.celeba_classifier: dict(profile="nope"), BS.brain_table: dict(profile="nope"),
+    BS.brain_models: dict(profile="nope"), E.ellipse_ddpm: dict(profile="nope"), SQ.square_diffae: dict(profile="nope"),
+    E.ellipse_ce: dict(profile="nope"), FS.celeba_ce: dict(profile="nope"), SQ.square_setup: dict(profile="nope"),
     E.ellipse_sampling_study: dict(profile="nope"),
     S.attribution_study: dict(eps=geps(), scheduler=sched(), g=g_mean, decide=g_mean, targets=np.zeros((2, 2)), v_data=np.zeros(5),
                               n_per_target=1, sample_shape=(1, 8, 8), out_dir="/tmp/diffexplain-hostile-attribution"),

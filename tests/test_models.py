@@ -7,9 +7,11 @@ import torch
 import torch.nn as nn
 from diffexplain.models import (EllipseCNN, resnet10t, to_3d, resnet10t_3d, square_resnet18, densenet121_regressor,
                                 age_oracle, Rescaled, accuracy, balanced_accuracy, r2_score, l2_penalty, predict,
-                                evaluate, train_model, save_checkpoint, load_checkpoint, load_or_train, ellipse_models,
-                                celeba_classifier, CELEBA_PROFILES, brain_models, brain_table, BRAIN_PROFILES)
+                                evaluate, train_model, save_checkpoint, load_checkpoint, load_or_train)
+from diffexplain.face_study import celeba_classifier, CELEBA_PROFILES
+from diffexplain.brain_study import brain_models, brain_table, BRAIN_PROFILES
 from diffexplain.data import read_attr_file, make_brain_phantoms
+from diffexplain.ellipse_study import ellipse_models
 
 torch.set_num_threads(1)  # tiny models: one thread is faster than two on a shared CPU
 
@@ -316,7 +318,7 @@ def test_brain_models_reuse_and_same_seed(brain_smoke, tmp_path):
 
 def test_brain_models_weighted_sampler_balances_classes(monkeypatch, tmp_path):
     "The classifier draws AD and CN ROIs about equally often although only a quarter of the subjects are AD."
-    import diffexplain.models as M
+    import diffexplain.brain_study as M    # brain_models calls train_model from its own module
     seen = {}
     real = M.train_model
     def spy(model, train_data, val_data, task="binary", sample_weights=None, **kw):
