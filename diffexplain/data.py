@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #ee1b3859
 from __future__ import annotations
-import ast, functools, hashlib, inspect, json, math, os, random, re, shutil, tempfile, textwrap, time, warnings, zipfile, zlib
+import ast, functools, hashlib, importlib.resources, inspect, json, math, os, random, re, shutil, tempfile, textwrap, time, warnings, zipfile, zlib
 from pathlib import Path
 import numpy as np
 import torch
@@ -13,13 +13,13 @@ from torch.utils.data import Dataset, TensorDataset
 # %% auto #0
 __all__ = ['SQUARE_SIZE', 'SQUARE_BORDER', 'SQUARE_IMG', 'SQUARE_POSITIONS', 'CELEBA_SPLITS', 'CELEBA_ATTRS', 'TINY_CELEBA_LINKS',
            'HIPPO_LABELS', 'seed_everything', 'get_device', 'config_hash', 'default_cache_dir', 'cache_path',
-           'code_version', 'CorruptFileError', 'clean_stale_tmp', 'atomic_write', 'save_arrays', 'load_arrays',
-           'fingerprint', 'load_entry', 'save_entry', 'Store', 'open_store', 'check_tensor', 'check_int',
-           'check_number', 'check_seed', 'check_choice', 'render_ellipses', 'sample_ellipse_params', 'make_ellipses',
-           'split_indices', 'tensor_dataset', 'moment_area', 'moment_log_ar', 'render_squares', 'make_squares',
-           'reference_value', 'square_eval_grid', 'read_attr_file', 'load_face_image', 'CelebA', 'CelebAHQ', 'AgeTable',
-           'write_tiny_celeba', 'extract_hippocampus_rois', 'read_subject_table', 'load_brain_rois', 'subject_split',
-           'class_weights', 'BrainROIDataset', 'make_brain_phantoms']
+           'shipped_dir', 'use_shipped', 'from_shipped', 'code_version', 'CorruptFileError', 'clean_stale_tmp',
+           'atomic_write', 'save_arrays', 'load_arrays', 'fingerprint', 'load_entry', 'save_entry', 'Store',
+           'open_store', 'check_tensor', 'check_int', 'check_number', 'check_seed', 'check_choice', 'render_ellipses',
+           'sample_ellipse_params', 'make_ellipses', 'split_indices', 'tensor_dataset', 'moment_area', 'moment_log_ar',
+           'render_squares', 'make_squares', 'reference_value', 'square_eval_grid', 'read_attr_file', 'load_face_image',
+           'CelebA', 'CelebAHQ', 'AgeTable', 'write_tiny_celeba', 'extract_hippocampus_rois', 'read_subject_table',
+           'load_brain_rois', 'subject_split', 'class_weights', 'BrainROIDataset', 'make_brain_phantoms']
 
 # %% ../nbs/00_data.ipynb #4a7dfee5
 def seed_everything(seed: int # seed for Python, NumPy and torch (CPU and CUDA)
@@ -57,6 +57,43 @@ def cache_path(name: str, # what is cached, e.g. "ellipse-classifier"
     "Where an artefact made from `config` lives in the cache."
     if not isinstance(name, str) or not name or "/" in name: raise ValueError(f"`name` must be a non-empty file name, got {name!r}")
     return Path(cache_dir if cache_dir is not None else default_cache_dir())/f"{name}-{config_hash(config)}"
+
+# %% ../nbs/00_data.ipynb #sh1p0002
+def shipped_dir() -> Path:
+    "The store of trained models shipped with the package: `$DIFFEXPLAIN_WEIGHTS` if set, else `diffexplain/weights/`."
+    return Path(os.environ.get("DIFFEXPLAIN_WEIGHTS") or Path(str(importlib.resources.files("diffexplain")))/"weights")
+
+def use_shipped(shipped: bool|None = None, # True / False; None: on unless `$DIFFEXPLAIN_SHIPPED` is "0"
+               ) -> bool:
+    "Whether loaders may take models from the shipped store."
+    if shipped is None:
+        v = os.environ.get("DIFFEXPLAIN_SHIPPED", "1").strip()
+        if v not in ("0", "1"): raise ValueError(f"`DIFFEXPLAIN_SHIPPED` must be '0' or '1', got {v!r}")
+        return v == "1"
+    if not isinstance(shipped, bool): raise TypeError(f"`shipped` must be True, False or None, got {shipped!r}")
+    return shipped
+
+def from_shipped(entry: str|Path, # cache entry folder `cache_path(name, config, cache_dir)`
+                 sub: str = "", # the part of the entry a loader reads, e.g. "ema-step1600" ("" = all of it)
+                 shipped: bool|None = None, # see `use_shipped`
+                 store: str|Path|None = None, # the store (default `shipped_dir()`)
+                ) -> bool: # True if `entry/sub` now holds the shipped copy
+    "Copy the shipped version of a missing cache entry into the cache, atomically (`config.json` arrives last)."
+    if not isinstance(sub, str) or sub.startswith("/") or ".." in Path(sub).parts: raise ValueError(f"`sub` must be a relative path inside the entry, got {sub!r}")
+    entry = Path(entry); dest = entry/sub if sub else entry
+    src = Path(store if store is not None else shipped_dir())/entry.name/sub
+    if not use_shipped(shipped) or (dest/"config.json").exists() or not (src/"config.json").is_file(): return False
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".shipping"))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        try: os.rename(tmp, dest)                    # dest absent: one atomic rename
+        except OSError:                              # dest exists without config.json: an interrupted save, replaced file by file
+            for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"): # config.json last
+                if f.is_dir() and (dest/f.name).exists(): shutil.rmtree(dest/f.name)
+                os.replace(f, dest/f.name)
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+    return (dest/"config.json").exists()
 
 # %% ../nbs/00_data.ipynb #cv0a1b2d
 def _strip_docstrings(tree):

@@ -17,7 +17,7 @@ from diffusers.optimization import get_scheduler
 from accelerate import Accelerator
 from .data import (seed_everything, get_device, cache_path, config_hash, atomic_write, check_tensor,
                               save_arrays, load_arrays, make_ellipses, moment_log_ar,
-                              moment_area, code_version, check_int, check_number)
+                              moment_area, code_version, check_int, check_number, from_shipped)
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'UNET_PROFILES', 'PAPER_PARAMS', 'UNET3D_PROFILES', 'make_scheduler', 'linear_schedule', 'make_unet2d',
@@ -333,10 +333,11 @@ def load_or_train_ddpm(images, # (N, C, H, W) training images in [0, 1]
                        cache_dir: str|Path|None = None, # default `default_cache_dir()`
                        seed: int = 0, # seeds the initial weights and the training run
                        scheduler_kwargs: dict|None = None, # passed to `make_scheduler`
-                       with_info: bool = False, # also return dict(path, loaded, train_s, cpu_s): wall and CPU seconds of training
+                       with_info: bool = False, # also return dict(path, loaded, shipped, train_s, cpu_s): wall and CPU seconds of training
+                       shipped: bool|None = None, # take a missing entry from the package's shipped store (`from_shipped`); None: unless `$DIFFEXPLAIN_SHIPPED=0`
                        **train_kwargs, # passed to `train_diffusion` (batch_size, lr, device, ...)
                       ) -> tuple: # (EMA `UNet2DModel` in eval mode, scheduler[, info])
-    "Load a trained DDPM from the cache, or train it (resuming a killed run) and cache it."
+    "Load a trained DDPM from the cache (else the shipped store), or train it (resuming a killed run) and cache it."
     images = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images).float()
     check_tensor(images, "images", ndim=4, value_range=(0.0, 1.0))
     scheduler = make_scheduler(**(scheduler_kwargs or {}))
@@ -347,10 +348,12 @@ def load_or_train_ddpm(images, # (N, C, H, W) training images in [0, 1]
     cfg = dict(profile=profile, in_channels=images.shape[1], sample_size=images.shape[-1], seed=seed, scheduler=sk,
                data=data_fingerprint(images), code=code_version(make_unet2d, train_diffusion, _call), **keep)
     root = cache_path(name, cfg, cache_dir); final = root/f"ema-step{steps}"
+    if not (final/"config.json").exists(): from_shipped(root, final.name, shipped=shipped)
     if (final/"config.json").exists():
         unet = UNet2DModel.from_pretrained(final).eval()
         meta = json.loads((final/"train.json").read_text()) if (final/"train.json").exists() else {}
-        return (unet, scheduler, dict(path=final, loaded=True, train_s=meta.get("train_s"), cpu_s=meta.get("cpu_s"))) if with_info else (unet, scheduler)
+        info = dict(path=final, loaded=True, shipped=(final/"shipped.json").exists(), train_s=meta.get("train_s"), cpu_s=meta.get("cpu_s"))
+        return (unet, scheduler, info) if with_info else (unet, scheduler)
     seed_everything(seed); unet = make_unet2d(profile, images.shape[1], images.shape[-1])
     t0, c0 = time.time(), time.process_time()
     r = train_diffusion(unet, images, scheduler, steps=steps, seed=seed, ckpt_dir=root, **train_kwargs)
@@ -358,7 +361,7 @@ def load_or_train_ddpm(images, # (N, C, H, W) training images in [0, 1]
     r["ema"].save_pretrained(str(final))
     atomic_write(final/"train.json", lambda tmp: tmp.write_text(json.dumps(dict(train_s=train_s, cpu_s=cpu_s, start_step=r["start_step"],
                                                                                   threads=torch.get_num_threads()))))
-    return (r["ema"], scheduler, dict(path=final, loaded=False, train_s=train_s, cpu_s=cpu_s)) if with_info else (r["ema"], scheduler)
+    return (r["ema"], scheduler, dict(path=final, loaded=False, shipped=False, train_s=train_s, cpu_s=cpu_s)) if with_info else (r["ema"], scheduler)
 
 # %% ../nbs/02_diffusion.ipynb #f98617da
 class SemanticEncoder(nn.Module):
