@@ -384,9 +384,9 @@ def report(rows, util, out_dir, argv, wall):
               f"steps, and the diffusion CE) is {fmt(s)} FLOPs, {s/paper_flops:.0f}x more ({hours(s, util, A100_BF16_DENSE):,.0f} A100-hours "
               f"at that utilisation). One guided step of the 3-D latent U-Net with the decoder and regressor costs "
               f"{vol['unit_gflop_paper']/1e3:.1f} TFLOP per sample, so one target (200 samples x 1000 steps) costs {fmt(per_target)} FLOPs "
-              f"and the paper's 30 hours buy about {paper_flops/per_target:.1f} such targets in all. Either the paper's brain sweeps used "
-              "far fewer targets, samples or steps than every test ROI with 200 samples at 1000 steps, or its hardware ran far above "
-              "the assumed utilisation; the paper does not give its brain target count."]
+              f"and the paper's 30 hours buy about {paper_flops/per_target:.1f} such targets in all (at 100 % utilisation, "
+              f"{paper_flops/util/per_target:.0f}). So the paper's brain sweeps must have used far fewer targets, samples or steps than "
+              "every test ROI with 200 samples at 1000 steps; the paper does not give its brain target count."]
     (out_dir/"compute_model.md").write_text("\n".join(L) + "\n")
     return df, dt
 
