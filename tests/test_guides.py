@@ -11,7 +11,7 @@ GUIDES = sorted(p.name for p in (ROOT/"nbs"/"guides").glob("*.ipynb"))
 
 
 def test_guides_exist():
-    assert {"attribution_own_model.ipynb"} <= set(GUIDES), GUIDES
+    assert {"attribution_own_model.ipynb", "counterfactuals_own_regressor.ipynb"} <= set(GUIDES), GUIDES
 
 
 @pytest.mark.parametrize("nb", GUIDES)
