@@ -142,13 +142,15 @@ def test_site_checker_finds_problems(tmp_path):
     assert dp.check_site(tmp_path) == []
     (tmp_path/"bad.html").write_text(
         '<html><head><script src="https://cdn.example/mj.js"></script></head><body><article>'
-        '<pre>#| export\nx = 1</pre><p>title: Scores</p><p>show_doc(f)</p><p>$$\\frac{a}{b}$$</p>'
+        '<pre>#| export\nx = 1</pre><p>--- output-file: scores.html title: Scores ---</p><p>show_doc(f)</p>'
+        '<p>the noisy image $x_t$ at step t</p><p>use <code>#| slow</code> and the title: of a plot</p>'
         '<a href="missing.html">m</a><a href="ok.html#nope">n</a><a href="ok.html#x">fine</a>'
         '<a href="gone.html">skipped</a></article></body></html>')
     got = "\n".join(dp.check_site(tmp_path, unbuilt={"gone"}))
-    for what in ["raw nbdev directive", "raw front matter", "visible show_doc", "TeX outside math", "remote script",
-                 "broken link missing.html", "broken anchor ok.html#nope"]:
+    for what in ["raw nbdev directive in a code block", "raw front matter", "visible show_doc", "TeX outside math", "$x_t$",
+                 "remote script", "broken link missing.html", "broken anchor ok.html#nope"]:
         assert what in got, what
+    assert "raw nbdev directive:" not in got          # `#| slow` in inline code and a prose "title:" are not problems
     assert "gone.html" not in got and "ok.html#x" not in got
 
 

@@ -346,15 +346,18 @@ def check_site(html_dir, unbuilt=()) -> list:
         main = soup.find("article") or soup.body
         for s in main(["script", "style"]): s.extract()
         for tag in main.find_all(class_="math"): tag.extract()
-        text = main.get_text("\n")
         for pre in main.find_all("pre"):
-            if re.search(r"^\s*#\|", pre.get_text(), re.M): problems.append(f"{name}: raw nbdev directive in a code block")
-        for pat, what in [(r"^\s*#\|\s*(export|hide|default_exp|echo|output|include)\b", "raw nbdev directive"), (r"^\s*(output-file|title|description):", "raw front matter"),
-                          (r"show_doc\(", "visible show_doc call"), (r"\$\$|\\mathrm|\\frac|\\mathbb", "TeX outside math")]:
-            m = re.search(pat, text, re.M)
+            code = pre.get_text()
+            if re.search(r"^\s*#\|", code, re.M): problems.append(f"{name}: raw nbdev directive in a code block")
+            if re.search(r"\]\((https?:|[\w./-]+\.html)", code): problems.append(f"{name}: markdown link in a code block")
+        for code in main.find_all(["pre", "code"]): code.extract()     # the prose a reader sees, without code
+        text = main.get_text(" ")
+        for pat, what in [(r"(^|\s)#\|\s*[\w-]+", "raw nbdev directive"),
+                          (r"output-file:\s*\S+\.html", "raw front matter"),
+                          (r"show_doc\(", "visible show_doc call"),
+                          (r"\$\$|\\(mathrm|frac|mathbb|operatorname|hat|sum)\b|\$[^$\n]{0,60}[\\_^][^$\n]{0,60}\$", "TeX outside math")]:
+            m = re.search(pat, text)
             if m: problems.append(f"{name}: {what}: {text[max(0, m.start() - 40):m.end() + 40]!r}")
-        for pre in main.find_all("pre"):
-            if re.search(r"\]\((https?:|[\w./-]+\.html)", pre.get_text()): problems.append(f"{name}: markdown link in a code block")
         for s in soup.find_all("script", src=True):
             if urlsplit(s["src"]).scheme: problems.append(f"{name}: remote script {s['src']}")
         for tag, attr in [("a", "href"), ("img", "src"), ("link", "href"), ("script", "src")]:
