@@ -301,3 +301,24 @@ def test_metrics_table_layout_and_files(tmp_path):
     pd.testing.assert_frame_equal(back, t, check_names=False)
     assert mdp.read_text() == md
     with pytest.raises(ValueError, match="`results`"): metrics_table({})
+
+
+def test_pipes_in_names_do_not_split_columns():
+    "A `|f - r|` header or cell is escaped, so every row of the markdown table has as many cells as the header."
+    import re
+    md = to_markdown(metrics_table({"AC-RE | fresh": {"|f - r|": 0.05, "success rate": 0.9}}))
+    cells = lambda line: len(re.split(r"(?<!\\)\|", line)) - 2
+    assert [cells(l) for l in md.splitlines()] == [3, 3, 3] and md.splitlines()[0] == r"| Method | \|f - r\| | success rate |"
+
+
+def test_committed_result_tables_render():
+    "Every markdown table under reproductions/results has the same number of cells in each row (no unescaped `|`)."
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]/"reproductions"/"results"
+    bad = []
+    for f in sorted(root.rglob("*.md")):
+        for block in f.read_text().split("\n\n"):
+            rows = [l for l in block.splitlines() if l.startswith("|")]
+            if len({len(re.split(r"(?<!\\)\|", l)) for l in rows}) > 1: bad.append(str(f.relative_to(root)))
+    assert not bad, f"tables with a row of another width (escape '|' as '\\|'): {sorted(set(bad))}"
