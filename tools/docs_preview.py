@@ -140,6 +140,7 @@ def convert(proc_nb: Path, src_dir: Path, files: dict) -> str:
             outs = []
             for o in c.get("outputs", []):
                 o = json.loads(json.dumps(o))
+                if o.get("output_type") == "execute_result": o.setdefault("execution_count", None)
                 md = o.get("data", {}).get("text/markdown")
                 if md is not None:
                     md = re.sub(r"^\s*---\s*\n", "", "".join(md))   # show_doc's leading rule: a transition docutils rejects
