@@ -20,18 +20,19 @@ from .models import (EllipseCNN, Rescaled, train_model, evaluate, load_or_train,
 from .diffusion import eps_fn, make_scheduler, load_or_train_ddpm, sample, from_model_range
 from .diffusion import eps_fn as unet_eps
 from .guided_sampling import (constrained_sweep, constrained_sample, feature_stats, acceptance_rates, sample_seeds,
-                                         target_file, gaussian_eps, sampling_study, convergence_chain, dps_direction)
+                                         target_file, gaussian_eps, sampling_study, convergence_chain, dps_direction,
+                                         plain_samples)
 from .scores import (scores_from_sweep, score_test, attribution_study, study_targets, sampler_feature,
                                 sampler_decision, constraint_errors, plot_target_vs_result, sample_rows, plot_sample_rows)
 from .counterfactuals import ce_summary, _check_res, _ce_rows
 from .metrics import coverage, embed, vgg16_embedding
 
 # %% auto #0
-__all__ = ['ELLIPSE_PROFILES', 'ELLIPSE_TARGETS', 'DDPM_PROFILES', 'TOY', 'SAMPLER_PROFILES', 'ELLIPSE_FEATURES',
-           'STUDY_PROFILES', 'ELLIPSE_CE_PROFILES', 'ellipse_models', 'ellipse_check', 'ellipse_quality',
-           'ellipse_ddpm', 'toy_decision', 'gaussian_toy_study', 'ellipse_sampling_study', 'ellipse_test_features',
-           'ellipse_attribution', 'plain_samples', 'ellipse_plain_samples', 'classifier_features', 'coverage_encoder',
-           'accepted_images', 'coverage_table', 'ellipse_ce_metrics', 'ellipse_ce']
+__all__ = ['ELLIPSE_PROFILES', 'ELLIPSE_TARGETS', 'DDPM_PROFILES', 'SAMPLER_PROFILES', 'ELLIPSE_FEATURES', 'STUDY_PROFILES',
+           'ELLIPSE_CE_PROFILES', 'ellipse_models', 'ellipse_check', 'ellipse_quality', 'ellipse_ddpm',
+           'ellipse_sampling_study', 'ellipse_test_features', 'ellipse_attribution', 'ellipse_plain_samples',
+           'classifier_features', 'coverage_encoder', 'accepted_images', 'coverage_table', 'ellipse_ce_metrics',
+           'ellipse_ce']
 
 # %% ../nbs/08_ellipse_study.ipynb #e3fdf1f7
 ELLIPSE_PROFILES = {
@@ -174,74 +175,6 @@ def ellipse_ddpm(profile: str = "quick", # "smoke" | "quick" | "paper" (see `DDP
     return dict(unet=unet, scheduler=sched, quality=quality, samples=samples, train_s=info["train_s"], train_cpu_s=info["cpu_s"],
                 sample_s=sample_s, sample_cpu_s=sample_cpu_s, loaded=info["loaded"], path=info["path"], config=dict(profile=profile, seed=seed, **p))
 
-# %% ../nbs/08_ellipse_study.ipynb #h15a0102
-def toy_decision(tau: float, # noise scale τ of the decision, in feature units, > 0
-                 c: float = 0.0, # threshold c on the mean intensity
-                 follows: bool = True, # False: Y = 1[U > 1/2], independent of the mean intensity
-                ) -> Callable: # y(x): (n, 1, H, W) with even H, W -> (n,) 0/1 decisions
-    "Toy classifier with P(Y=1 | mean intensity = v) = Φ((v − c)/τ) on any isotropic Gaussian sampler (see above)."
-    if not tau > 0: raise ValueError(f"`tau` must be > 0, got {tau!r}")
-    def y(x):
-        h, w_ = x.shape[-2] // 2, x.shape[-1] // 2
-        u = x[..., :, :w_].mean((1, 2, 3)) - x[..., :, w_:].mean((1, 2, 3))     # left − right
-        w = x[..., :h, :].mean((1, 2, 3)) - x[..., h:, :].mean((1, 2, 3))       # top − bottom
-        U = (0.5 + torch.atan(u / w) / math.pi).clamp(1e-7, 1 - 1e-7)            # exactly Uniform(0, 1)
-        if not follows: return (U > 0.5).float()
-        return (x.mean((1, 2, 3)) + tau * torch.special.ndtri(U) > c).float()
-    return y
-
-def _toy_truth(targets, n_groups, tau, c, follows, v_acc=None, grp_acc=None, n_mc=2000, seed=0):
-    "Closed-form global/local scores; Monte Carlo mean, sd and variance of the plug-in estimators at group sizes `n_groups`."
-    p = stats.norm.cdf((np.asarray(targets, np.float64) - c) / tau) if follows else np.full(len(targets), 0.5)
-    vy = p.mean() * (1 - p.mean())
-    out = dict(p=p, global_score=float(1 - (p * (1 - p)).mean() / vy), local=1 - p * (1 - p) / vy)
-    rng = np.random.default_rng(seed); N = np.broadcast_to(np.asarray(n_groups, np.float64), (n_mc, len(p)))
-    k = rng.binomial(N.astype(np.int64), p)                          # ones per group in each simulated dataset
-    m = k / N; within = m * (1 - m)                                    # plug-in group means and variances, written out
-    vy_mc = within.mean(1) + m.var(1)                                  # equal weights: E[Var(Y|V)] + Var[E(Y|V)]
-    with np.errstate(invalid="ignore", divide="ignore"):               # (independent of chapter 04's code on purpose)
-        g_mc, l_mc = m.var(1) / vy_mc, 1 - within / vy_mc[:, None]
-    out.update(plugin_mean=float(np.nanmean(g_mc)), plugin_sd=float(np.nanstd(g_mc)),
-               local_plugin_mean=np.nanmean(l_mc, 0), local_plugin_sd=np.nanstd(l_mc, 0),
-               var_global=float(np.nanvar(g_mc, ddof=1)), mean_var_local=float(np.nanmean(np.nanvar(l_mc, axis=0, ddof=1))))
-    if v_acc is not None and follows:                                  # truth at the measured features of the kept samples
-        pm = pd.Series(stats.norm.cdf((np.asarray(v_acc, np.float64) - c) / tau)).groupby(np.asarray(grp_acc)).mean().values
-        out["global_measured"] = float(1 - (pm * (1 - pm)).mean() / (pm.mean() * (1 - pm.mean())))
-    elif v_acc is not None: out["global_measured"] = 0.0
-    return out
-
-TOY = dict(std=0.3, n_targets=32, n_per_target=12, num_steps=100, rho=0.1, tau_sigma=1.0, n_boot=1000) # smoke toy settings
-
-def gaussian_toy_study(out_dir, # folder of the toy's sweep files (resumable)
-                       decision: str = "follows", # "follows" (Y depends on V through Φ((v − c)/τ)) or "ignores" (true score 0)
-                       n_targets: int = TOY["n_targets"], # targets v0: quantiles of the toy's V
-                       n_per_target: int = TOY["n_per_target"], # samples per target
-                       num_steps: int = TOY["num_steps"], # respaced DDPM steps
-                       rho: float = TOY["rho"], # guidance step ρ
-                       tau_sigma: float = TOY["tau_sigma"], # τ in units of σ_V
-                       std: float = TOY["std"], # pixel standard deviation s of the Gaussian data
-                       n_boot: int = TOY["n_boot"], # bootstrap resamples (and permutations ×10)
-                       seed: int = 0, # data and sweep seed
-                       progress: bool = False, # tqdm bars
-                      ) -> dict: # attribution_study's dict + `test` (ScoreTest of the accepted samples) + `truth`
-    "The attribution pipeline on the exact Gaussian ε-model with a toy classifier whose scores are known in closed form."
-    if decision not in ("follows", "ignores"): raise ValueError(f"`decision` must be 'follows' or 'ignores', got {decision!r}")
-    sched = make_scheduler(clip_sample=False); eps = gaussian_eps(sched, 0.0, std)
-    g = lambda x: x.mean((1, 2, 3))
-    v_data = g(std * torch.randn(4000, 1, 8, 8, generator=torch.Generator().manual_seed(seed))).numpy()
-    sigma_v = float(v_data.std()); tau = tau_sigma * std / 8                     # τ in units of the true σ_V = s/8
-    targets = study_targets(v_data, n_targets)
-    res = attribution_study(eps, sched, g, toy_decision(tau, 0.0, decision == "follows"), targets, v_data, n_per_target,
-                            (1, 8, 8), out_dir, rho=rho, num_steps=num_steps, seed=seed, n_boot=n_boot, progress=progress)
-    sw = res["sweep"]; acc = sw["accepted"].astype(bool)
-    res["test"] = score_test(sw["y"][acc], sw["group"][acc], n_perm=10 * n_boot, n_boot=n_boot, weights="equal", seed=seed)
-    n_g = res["test"].local.n.values
-    kept = np.unique(sw["group"][acc])
-    res["truth"] = _toy_truth(targets[kept], n_g, tau, 0.0, decision == "follows", sw["v"][acc], sw["group"][acc], seed=seed)
-    res.update(feature="mean intensity", label="mean intensity", sampler=dict(num_steps=num_steps, rho=rho, tol=0.3),
-               decision=decision, tau=tau)
-    return res
-
 # %% ../nbs/08_ellipse_study.ipynb #e11a5d02
 def ellipse_sampling_study(profile: str = "quick", # "smoke" | "quick" | "paper": the DDPM and models of that profile
                            cache_dir=None, # where the models live (default `default_cache_dir()`)
@@ -371,25 +304,6 @@ def ellipse_attribution(profile: str = "quick", # "smoke" | "quick" | "paper" (s
     return res
 
 # %% ../nbs/08_ellipse_study.ipynb #5de94c4a
-def plain_samples(eps: Callable, # eps(x_t, t)
-                  scheduler, # diffusers scheduler
-                  n: int, # number of samples
-                  sample_shape: tuple, # (C, H, W)
-                  num_steps: int|None = None, # respaced steps (the sweep's)
-                  seed: int = 0, # per-sample seeds `sample_seeds(seed, 2**31 - 1, n)`: disjoint from a sweep's targets 0..m-1
-                  batch_size: int = 128, # samples per batch
-                  device="cpu", # where sampling runs
-                  progress: bool = True, # tqdm over batches
-                 ) -> torch.Tensor: # (n, C, H, W) samples in [-1, 1], on the CPU
-    "Unguided samples with the guided sampler's settings (ρ = 0)."
-    if not (isinstance(n, (int, np.integer)) and n >= 1): raise ValueError(f"`n` must be an int ≥ 1, got {n!r}")
-    seeds = sample_seeds(seed, 2**31 - 1, n); out = []
-    for i in tqdm(range(0, n, batch_size), desc="plain samples", disable=not progress, leave=False):
-        s = seeds[i:i + batch_size]
-        gens = [torch.Generator(device).manual_seed(int(k)) for k in s]
-        out.append(constrained_sample(eps, scheduler, (len(s), *sample_shape), generator=gens, num_steps=num_steps).cpu())
-    return torch.cat(out)
-
 def ellipse_plain_samples(profile: str = "quick", # "smoke" | "quick" | "paper"
                           cache_dir=None, # where the DDPM and the samples are cached
                           seed: int = 0, # data/model seed and sample seed

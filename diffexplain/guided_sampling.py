@@ -20,9 +20,9 @@ from .diffusion import ddim_encode, from_model_range
 # %% auto #0
 __all__ = ['SWEEP_KEYS', 'gaussian_eps', 'rho_schedule', 'x0_from_eps', 'dps_direction', 'downsample_mask', 'check_mask',
            'respaced', 'constrained_sample', 'reject', 'acceptance_rates', 'feature_stats', 'sample_seeds',
-           'target_file', 'load_sweep', 'constrained_sweep', 'accelerate_sweep', 'sampling_study', 'best_rho',
-           'convergence_chain', 'converged_reference', 'few_step_matches', 'validated_setting', 'validated_sampler',
-           'parse_rho', 'plot_sampling_study', 'ddim_scheduler', 'ddim_invert', 'guided_edit']
+           'target_file', 'load_sweep', 'constrained_sweep', 'accelerate_sweep', 'plain_samples', 'sampling_study',
+           'best_rho', 'convergence_chain', 'converged_reference', 'few_step_matches', 'validated_setting',
+           'validated_sampler', 'parse_rho', 'plot_sampling_study', 'ddim_scheduler', 'ddim_invert', 'guided_edit']
 
 # %% ../nbs/03_guided_sampling.ipynb #d28e1f9f
 def gaussian_eps(scheduler, # diffusers scheduler providing `alphas_cumprod`
@@ -400,6 +400,27 @@ def accelerate_sweep(*args, cpu: bool|None = None, # force CPU/gloo; default: wh
     out_dir = kwargs["out_dir"] if "out_dir" in kwargs else args[6]
     m = len(kwargs["targets"] if "targets" in kwargs else args[3])
     return load_sweep(out_dir, m, images=kwargs.get("keep_images", False))
+
+# %% ../nbs/03_guided_sampling.ipynb #5b82c4c9
+def plain_samples(eps: Callable, # eps(x_t, t)
+                  scheduler, # diffusers scheduler
+                  n: int, # number of samples
+                  sample_shape: tuple, # (C, H, W)
+                  num_steps: int|None = None, # respaced steps (the sweep's)
+                  seed: int = 0, # per-sample seeds `sample_seeds(seed, 2**31 - 1, n)`: disjoint from a sweep's targets 0..m-1
+                  batch_size: int = 128, # samples per batch
+                  device="cpu", # where sampling runs
+                  progress: bool = True, # tqdm over batches
+                 ) -> torch.Tensor: # (n, C, H, W) samples in [-1, 1], on the CPU
+    "Unguided samples with the guided sampler's settings (ρ = 0)."
+    if not (isinstance(n, (int, np.integer)) and n >= 1): raise ValueError(f"`n` must be an int ≥ 1, got {n!r}")
+    check_int(batch_size, "batch_size", lo=1); check_seed(seed)
+    seeds = sample_seeds(seed, 2**31 - 1, n); out = []
+    for i in tqdm(range(0, n, batch_size), desc="plain samples", disable=not progress, leave=False):
+        s = seeds[i:i + batch_size]
+        gens = [torch.Generator(device).manual_seed(int(k)) for k in s]
+        out.append(constrained_sample(eps, scheduler, (len(s), *sample_shape), generator=gens, num_steps=num_steps).cpu())
+    return torch.cat(out)
 
 # %% ../nbs/03_guided_sampling.ipynb #d8ac9ffd
 def _boot_mean_ci(x, # (N,) per-sample values

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_scores.ipynb #180e8e5c
 from __future__ import annotations
-import time, warnings
+import math, time, warnings
 from pathlib import Path
 from typing import Callable
 from dataclasses import dataclass
@@ -15,14 +15,15 @@ import matplotlib.pyplot as plt
 from scipy import stats
 from tqdm.auto import tqdm
 from .data import check_int, check_number, check_seed
-from .guided_sampling import constrained_sweep, feature_stats, acceptance_rates, target_file
+from .diffusion import make_scheduler
+from .guided_sampling import constrained_sweep, feature_stats, acceptance_rates, target_file, gaussian_eps
 
 # %% auto #0
-__all__ = ['quantile_bins', 'group_stats', 'global_score', 'local_scores', 'balanced_global_score', 'BootstrapScores',
+__all__ = ['TOY', 'quantile_bins', 'group_stats', 'global_score', 'local_scores', 'balanced_global_score', 'BootstrapScores',
            'bootstrap_scores', 'null_floor', 'corrected_global_score', 'ScoreTest', 'score_test', 'interval_coverage',
            'cace', 'linear_r2', 'plot_local_scores', 'plot_feature_logit', 'scores_from_sweep', 'sampler_feature',
            'sampler_decision', 'study_targets', 'constraint_errors', 'attribution_study', 'plot_target_vs_result',
-           'sample_rows', 'plot_sample_rows']
+           'sample_rows', 'plot_sample_rows', 'toy_decision', 'gaussian_toy_study']
 
 # %% ../nbs/04_scores.ipynb #53684886
 def _vec(x, # array or tensor, one value per sample
@@ -687,6 +688,7 @@ def sample_rows(result: dict, # from `attribution_study` with keep_images=True (
                 n_cols: int = 8, # samples per row, accepted ones first
                ) -> tuple: # (images (n_rows, n_cols, H, W) in [0, 1], targets (n_rows,), accepted (n_rows, n_cols) bool)
     "Pick rows of samples with the same target for a grid (paper Figs. 3, 11, 12)."
+    check_int(n_rows, "n_rows", lo=1); check_int(n_cols, "n_cols", lo=1)
     sw = result["sweep"]
     if "images" not in sw: raise ValueError("`result` holds no images: run the study with keep_images=True")
     groups = np.unique(sw["group"]); tv = np.array([sw["target"][sw["group"] == j][0] for j in groups])
@@ -709,6 +711,7 @@ def plot_sample_rows(images, # (rows, cols, H, W) in [0, 1]
                      size: float = 0.8, # inches per image
                     ) -> plt.Figure:
     "A grid of samples, one row per target value."
+    check_number(size, "size", lo=0, lo_open=True)
     images = np.asarray(images); R, Cn = images.shape[:2]
     fig, axes = plt.subplots(R, Cn, figsize=(Cn*size + 1.2, R*size + (0.3 if title else 0)), squeeze=False)
     for i in range(R):
@@ -720,3 +723,71 @@ def plot_sample_rows(images, # (rows, cols, H, W) in [0, 1]
     if title: fig.suptitle(title, fontsize=9)
     fig.tight_layout(pad=0.2)
     return fig
+
+# %% ../nbs/04_scores.ipynb #h15a0102
+def toy_decision(tau: float, # noise scale τ of the decision, in feature units, > 0
+                 c: float = 0.0, # threshold c on the mean intensity
+                 follows: bool = True, # False: Y = 1[U > 1/2], independent of the mean intensity
+                ) -> Callable: # y(x): (n, 1, H, W) with even H, W -> (n,) 0/1 decisions
+    "Toy classifier with P(Y=1 | mean intensity = v) = Φ((v − c)/τ) on any isotropic Gaussian sampler (see above)."
+    tau, c = check_number(tau, "tau", lo=0, lo_open=True), check_number(c, "c")
+    def y(x):
+        h, w_ = x.shape[-2] // 2, x.shape[-1] // 2
+        u = x[..., :, :w_].mean((1, 2, 3)) - x[..., :, w_:].mean((1, 2, 3))     # left − right
+        w = x[..., :h, :].mean((1, 2, 3)) - x[..., h:, :].mean((1, 2, 3))       # top − bottom
+        U = (0.5 + torch.atan(u / w) / math.pi).clamp(1e-7, 1 - 1e-7)            # exactly Uniform(0, 1)
+        if not follows: return (U > 0.5).float()
+        return (x.mean((1, 2, 3)) + tau * torch.special.ndtri(U) > c).float()
+    return y
+
+def _toy_truth(targets, n_groups, tau, c, follows, v_acc=None, grp_acc=None, n_mc=2000, seed=0):
+    "Closed-form global/local scores; Monte Carlo mean, sd and variance of the plug-in estimators at group sizes `n_groups`."
+    p = stats.norm.cdf((np.asarray(targets, np.float64) - c) / tau) if follows else np.full(len(targets), 0.5)
+    vy = p.mean() * (1 - p.mean())
+    out = dict(p=p, global_score=float(1 - (p * (1 - p)).mean() / vy), local=1 - p * (1 - p) / vy)
+    rng = np.random.default_rng(seed); N = np.broadcast_to(np.asarray(n_groups, np.float64), (n_mc, len(p)))
+    k = rng.binomial(N.astype(np.int64), p)                          # ones per group in each simulated dataset
+    m = k / N; within = m * (1 - m)                                    # plug-in group means and variances, written out
+    vy_mc = within.mean(1) + m.var(1)                                  # equal weights: E[Var(Y|V)] + Var[E(Y|V)]
+    with np.errstate(invalid="ignore", divide="ignore"):               # (independent of chapter 04's code on purpose)
+        g_mc, l_mc = m.var(1) / vy_mc, 1 - within / vy_mc[:, None]
+    out.update(plugin_mean=float(np.nanmean(g_mc)), plugin_sd=float(np.nanstd(g_mc)),
+               local_plugin_mean=np.nanmean(l_mc, 0), local_plugin_sd=np.nanstd(l_mc, 0),
+               var_global=float(np.nanvar(g_mc, ddof=1)), mean_var_local=float(np.nanmean(np.nanvar(l_mc, axis=0, ddof=1))))
+    if v_acc is not None and follows:                                  # truth at the measured features of the kept samples
+        pm = pd.Series(stats.norm.cdf((np.asarray(v_acc, np.float64) - c) / tau)).groupby(np.asarray(grp_acc)).mean().values
+        out["global_measured"] = float(1 - (pm * (1 - pm)).mean() / (pm.mean() * (1 - pm.mean())))
+    elif v_acc is not None: out["global_measured"] = 0.0
+    return out
+
+TOY = dict(std=0.3, n_targets=32, n_per_target=12, num_steps=100, rho=0.1, tau_sigma=1.0, n_boot=1000) # smoke toy settings
+
+def gaussian_toy_study(out_dir, # folder of the toy's sweep files (resumable)
+                       decision: str = "follows", # "follows" (Y depends on V through Φ((v − c)/τ)) or "ignores" (true score 0)
+                       n_targets: int = TOY["n_targets"], # targets v0: quantiles of the toy's V
+                       n_per_target: int = TOY["n_per_target"], # samples per target
+                       num_steps: int = TOY["num_steps"], # respaced DDPM steps
+                       rho: float = TOY["rho"], # guidance step ρ
+                       tau_sigma: float = TOY["tau_sigma"], # τ in units of σ_V
+                       std: float = TOY["std"], # pixel standard deviation s of the Gaussian data
+                       n_boot: int = TOY["n_boot"], # bootstrap resamples (and permutations ×10)
+                       seed: int = 0, # data and sweep seed
+                       progress: bool = False, # tqdm bars
+                      ) -> dict: # attribution_study's dict + `test` (ScoreTest of the accepted samples) + `truth`
+    "The attribution pipeline on the exact Gaussian ε-model with a toy classifier whose scores are known in closed form."
+    if decision not in ("follows", "ignores"): raise ValueError(f"`decision` must be 'follows' or 'ignores', got {decision!r}")
+    sched = make_scheduler(clip_sample=False); eps = gaussian_eps(sched, 0.0, std)
+    g = lambda x: x.mean((1, 2, 3))
+    v_data = g(std * torch.randn(4000, 1, 8, 8, generator=torch.Generator().manual_seed(seed))).numpy()
+    sigma_v = float(v_data.std()); tau = tau_sigma * std / 8                     # τ in units of the true σ_V = s/8
+    targets = study_targets(v_data, n_targets)
+    res = attribution_study(eps, sched, g, toy_decision(tau, 0.0, decision == "follows"), targets, v_data, n_per_target,
+                            (1, 8, 8), out_dir, rho=rho, num_steps=num_steps, seed=seed, n_boot=n_boot, progress=progress)
+    sw = res["sweep"]; acc = sw["accepted"].astype(bool)
+    res["test"] = score_test(sw["y"][acc], sw["group"][acc], n_perm=10 * n_boot, n_boot=n_boot, weights="equal", seed=seed)
+    n_g = res["test"].local.n.values
+    kept = np.unique(sw["group"][acc])
+    res["truth"] = _toy_truth(targets[kept], n_g, tau, 0.0, decision == "follows", sw["v"][acc], sw["group"][acc], seed=seed)
+    res.update(feature="mean intensity", label="mean intensity", sampler=dict(num_steps=num_steps, rho=rho, tol=0.3),
+               decision=decision, tau=tau)
+    return res

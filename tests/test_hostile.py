@@ -124,6 +124,11 @@ ROWS = [
         {"v": "vec", "target": "vec", "accepted": "vec", "sigma_v": "pos"}),
     Row(S.sampler_feature, lambda: dict(model=g_mean), {}),   # `model` must be callable (chapter 04 tests it)
     Row(S.sampler_decision, lambda: dict(model=clf), {"output": "choice"}),
+    Row(S.toy_decision, lambda: dict(tau=0.1), {"tau": "pos", "c": "number"}),
+    Row(S.sample_rows, lambda: dict(result=dict(sweep=dict(SWEEP(), accepted=np.ones(40, bool), images=imgs(40).numpy())), n_rows=2, n_cols=3),
+        {"n_rows": "int_pos", "n_cols": "int_pos"}),
+    Row(S.plot_sample_rows, lambda: dict(images=np.zeros((2, 3, 8, 8)), targets=[0., 1.]), {"size": "pos"}),
+    Row(S.plot_target_vs_result, lambda: dict(result=dict(sweep=dict(SWEEP(), v=grp() / 4.0, accepted=np.ones(40, bool)), sigma_v=1.0)), {}),
     # ------------------------------------------------------------------ metrics
     Row(M.knn_radii, lambda: dict(features=feats()), {"features": "feat", "k": "int_pos", "batch_size": "int_pos"}),
     Row(M.prdc_metrics, lambda: dict(real_features=feats(), fake_features=feats(20)),
@@ -162,6 +167,8 @@ ROWS = [
     Row(G.constrained_sample, lambda: dict(eps_fn=geps(), scheduler=sched(), shape=(2, 1, 8, 8), g=g_mean, c0=0.3, rho=0.1, num_steps=4,
                                           generator=torch.Generator().manual_seed(0)),
         {"c0": "number", "rho": "nonneg", "num_steps": "int_pos", "x_T": "img"}, ok={("x_T", "none"): "x_T is optional"}),
+    Row(G.plain_samples, lambda: dict(eps=geps(), scheduler=sched(), n=2, sample_shape=(1, 8, 8), num_steps=2, progress=False),
+        {"n": "int_pos", "batch_size": "int_pos", "seed": "seed"}),
     Row(G.reject, lambda: dict(v=rng().random(5), c0=0.5, sigma_v=0.2), {"v": "vec", "sigma_v": "pos", "tol": "pos", "c0": "number"},
         ok={("v", "2d"): "(n, k) vector features are documented"}),
     Row(G.acceptance_rates, lambda: dict(accepted=np.ones(4, bool), group=np.array([0, 0, 1, 1])), {"accepted": "vec", "group": "vec"}),
@@ -261,6 +268,7 @@ DRIVERS = {
     BS.brain_models: dict(profile="nope"), E.ellipse_ddpm: dict(profile="nope"), SQ.square_diffae: dict(profile="nope"),
     E.ellipse_ce: dict(profile="nope"), FS.celeba_ce: dict(profile="nope"), SQ.square_setup: dict(profile="nope"),
     E.ellipse_sampling_study: dict(profile="nope"),
+    S.gaussian_toy_study: dict(out_dir="/tmp/diffexplain-hostile-toy", decision="nope"),
     S.attribution_study: dict(eps=geps(), scheduler=sched(), g=g_mean, decide=g_mean, targets=np.zeros((2, 2)), v_data=np.zeros(5),
                               n_per_target=1, sample_shape=(1, 8, 8), out_dir="/tmp/diffexplain-hostile-attribution"),
     D.make_ellipses: dict(n=1, cache_dir=False), D.make_squares: dict(n=-1),
