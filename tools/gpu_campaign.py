@@ -266,7 +266,7 @@ def stage_table1(S, C, cache, seed, dev):
         sw = load_sweep(out_dir, have); acc = sw["accepted"].astype(bool)
         try: sc = lib("scores_from_sweep")(sw, n_boot=T["n_boot"], seed=seed)
         except ValueError as e:   # e.g. no accepted sample: say so in the table instead of losing the run
-            rows.append(dict(feature=f, targets_done=0, targets=len(targets), error=str(e), samples_this_run=(len(have) - before[f])*T["n"],
+            rows.append(dict(feature=f, targets_done=len(have), targets=len(targets), error=str(e), samples_this_run=(len(have) - before[f])*T["n"],
                              sampling_wall_s_this_run=wall)); continue
         ce = lib("constraint_errors")(sw["v"], sw["target"], acc, float(lib("feature_stats")(v_test)))
         lo, hi = sc["bootstrap"].ci_global
@@ -279,8 +279,8 @@ def stage_table1(S, C, cache, seed, dev):
     df = pd.DataFrame(rows); df.to_csv(C.out/"table1.csv", index=False, float_format="%.6g")
     md = ["| feature | global score [95% CI] | paper | no-effect floor (G−1)/(N−1) | acceptance | targets done | samples |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r.get("targets_done", 0) == 0:
-            md.append(f"| {r['feature']} | {r.get('error', 'not reached')} | {PAPER_TABLE1[r['feature']]} | | | 0 of {r['targets']} | |"); continue
+        if "global_score" not in r:
+            md.append(f"| {r['feature']} | {r.get('error', 'not reached')} | {PAPER_TABLE1[r['feature']]} | | | {r['targets_done']} of {r['targets']} | |"); continue
         md.append(f"| {r['feature']} | {r['global_score']:.3f} [{r['ci_lo']:.3f}, {r['ci_hi']:.3f}] | {r['paper']} | {r['no_effect_floor']:.4f} | "
                   f"{r['acceptance']:.3f} | {r['targets_done']} of {r['targets']} | {r['samples']} |")
     md += ["", f"Sampler: {sp['num_steps']} steps, ρ {sp['rho']} ({'validated by the sampler study' if sp['validated'] else 'NOT validated: quick profile setting'}); "
