@@ -182,3 +182,18 @@ def test_quarto_filter_unlinks_signature_names():
     out = subprocess.run([lua, "-e", f'dofile("nbs/unlink_code.lua"); io.write(unlink_code_names([[{src}]]))'],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out == "x, # defaults to default_cache_dir() and a.b\ny = f[0](z)"
+    paths = ["../reproductions/results/quick/figure5/figure5.png", "../../reproductions/results/a.png", "attachment:x.png"]
+    out = subprocess.run([lua, "-e", 'dofile("nbs/unlink_code.lua"); for _, p in ipairs({' + ", ".join(f'"{p}"' for p in paths)
+                          + '}) do io.write(results_image_path(p), "\\n") end'], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["reproductions/results/quick/figure5/figure5.png", "../reproductions/results/a.png", "attachment:x.png"]
+
+
+def test_quarto_pre_render_copies_result_figures(tmp_path):
+    "The pre-render step copies reproductions/results/**/*.png into the Quarto project (the rendered _proc/)."
+    import subprocess, yaml
+    assert yaml.safe_load((ROOT/"nbs"/"_quarto.yml").read_text())["project"]["pre-render"] == "../tools/quarto_copy_figures.py"
+    (tmp_path/"_proc").mkdir(); fig = tmp_path/"reproductions"/"results"/"quick"/"figure5"/"figure5.png"
+    fig.parent.mkdir(parents=True); fig.write_bytes(b"png")
+    subprocess.run([sys.executable, str(ROOT/"tools"/"quarto_copy_figures.py")], cwd=tmp_path/"_proc", check=True,
+                   env={"QUARTO_PROJECT_DIR": str(tmp_path/"_proc"), "PATH": "/usr/bin:/bin"})
+    assert (tmp_path/"_proc"/"reproductions"/"results"/"quick"/"figure5"/"figure5.png").read_bytes() == b"png"
