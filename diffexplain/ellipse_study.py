@@ -23,16 +23,15 @@ from .guided_sampling import (constrained_sweep, constrained_sample, feature_sta
                                          target_file, gaussian_eps, sampling_study, convergence_chain, dps_direction,
                                          plain_samples)
 from .scores import (scores_from_sweep, score_test, attribution_study, study_targets, sampler_feature,
-                                sampler_decision, constraint_errors, plot_target_vs_result, sample_rows, plot_sample_rows)
+                                sampler_decision, constraint_errors, plot_target_vs_result, sample_rows, plot_sample_rows, accepted_images)
 from .counterfactuals import ce_summary, _check_res, _ce_rows
-from .metrics import coverage, embed, vgg16_embedding
+from .metrics import coverage, embed, vgg16_embedding, coverage_table
 
 # %% auto #0
 __all__ = ['ELLIPSE_PROFILES', 'ELLIPSE_TARGETS', 'DDPM_PROFILES', 'SAMPLER_PROFILES', 'ELLIPSE_FEATURES', 'STUDY_PROFILES',
            'ELLIPSE_CE_PROFILES', 'ellipse_models', 'ellipse_check', 'ellipse_quality', 'ellipse_ddpm',
            'ellipse_sampling_study', 'ellipse_test_features', 'ellipse_attribution', 'ellipse_plain_samples',
-           'classifier_features', 'coverage_encoder', 'accepted_images', 'coverage_table', 'ellipse_ce_metrics',
-           'ellipse_ce']
+           'classifier_features', 'coverage_encoder', 'ellipse_ce_metrics', 'ellipse_ce']
 
 # %% ../nbs/08_ellipse_study.ipynb #e3fdf1f7
 ELLIPSE_PROFILES = {
@@ -349,36 +348,6 @@ def coverage_encoder(weights_path=None, # local torchvision VGG16 weights; None 
     if fallback == "pixels": return nn.Flatten(), "raw pixels (fallback, not the paper's VGG16)"
     if classifier is None: raise ValueError("`classifier` is needed for the 'classifier' fallback embedding")
     return classifier_features(classifier), "ellipse-classifier penultimate features (fallback, not the paper's VGG16)"
-
-def accepted_images(result: dict, # from `ellipse_attribution` / `attribution_study` (with images)
-                   ) -> np.ndarray: # (n_accepted, C, H, W) accepted samples in [0, 1]
-    "The samples of a sweep that passed rejection, mapped to [0, 1] (what Table 3's coverage compares with real images)."
-    sw = result["sweep"]
-    if "images" not in sw: raise ValueError("`result` holds no images; run the study with keep_images=True")
-    return ((sw["images"][sw["accepted"].astype(bool)] + 1)/2).clip(0, 1)
-
-def coverage_table(real, # (N, 1, H, W) real test images in [0, 1]
-                   generated: dict, # {row name: (M, 1, H, W) generated images in [0, 1]}
-                   encoder: Callable, # embedding for `embed`
-                   ks=(5, 3, 1), # neighbourhood sizes (paper: 5, 3, 1)
-                   n: int|None = None, # samples per side; default the smallest set (real included)
-                   seed: int = 0, # subsampling seed
-                   device: str = "cpu", # where the embedding runs
-                  ) -> pd.DataFrame: # one row per generated set, columns "k=5", "k=3", "k=1", and n
-    "Coverage of each generated set against the same random subset of real images, every set cut to the same size."
-    if not isinstance(generated, dict) or not generated: raise ValueError("`generated` must be a non-empty dict {name: images}")
-    sizes = [len(real)] + [len(v) for v in generated.values()]
-    n = min(sizes) if n is None else n
-    if not (isinstance(n, (int, np.integer)) and max(ks) < n <= min(sizes)):
-        raise ValueError(f"`n` must be an int in ({max(ks)}, {min(sizes)}] (samples per side), got {n!r}")
-    rng = np.random.default_rng(seed)
-    pick = lambda a: torch.as_tensor(np.asarray(a)[np.sort(rng.choice(len(a), n, replace=False))]).float()
-    fr = embed(pick(real), encoder, device=device, progress=False)
-    rows = {}
-    for name, imgs in generated.items():
-        cov = coverage(fr, embed(pick(imgs), encoder, device=device, progress=False), k=list(ks), device=device)
-        rows[name] = {f"k={k}": cov[k] for k in ks} | {"n": int(n)}
-    return pd.DataFrame.from_dict(rows, orient="index")
 
 # %% ../nbs/08_ellipse_study.ipynb #a188abdd
 ELLIPSE_CE_PROFILES = {

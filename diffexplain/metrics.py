@@ -21,9 +21,9 @@ from .models import r2_score, balanced_accuracy
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'VGG16_FILE', 'INCEPTION_FILE', 'VGGFACE2_MEAN_BGR', 'VGGFACE2_FILE', 'knn_radii',
-           'prdc_metrics', 'coverage', 'precision', 'recall', 'density', 'embed', 'to_rgb', 'load_vgg16',
-           'VGG16Features', 'vgg16_embedding', 'frechet_distance', 'gaussian_stats', 'fid_from_features', 'to_uint8',
-           'fid_images', 'oracle_mae', 'face_similarity', 'vggface2_resnet50', 'load_vggface2_resnet50',
+           'prdc_metrics', 'coverage', 'precision', 'recall', 'density', 'embed', 'coverage_table', 'to_rgb',
+           'load_vgg16', 'VGG16Features', 'vgg16_embedding', 'frechet_distance', 'gaussian_stats', 'fid_from_features',
+           'to_uint8', 'fid_images', 'oracle_mae', 'face_similarity', 'vggface2_resnet50', 'load_vggface2_resnet50',
            'FaceEmbedding', 'mnac', 'square_mae', 'background_mae', 'background_l1', 'flip_rate', 'mean_ci',
            'metrics_table', 'to_markdown', 'save_metrics_table']
 
@@ -159,6 +159,31 @@ def embed(images, # (n, ...) batch of inputs (images, volumes) in the range the 
     for i in tqdm(range(0, len(x), batch_size), desc="embedding", disable=not progress, leave=False):
         out.append(_encoder_output(encoder(x[i:i+batch_size].to(dev))).reshape(min(batch_size, len(x)-i), -1).float().cpu())
     return torch.cat(out)
+
+# %% ../nbs/06_metrics.ipynb #209c1f3d
+def coverage_table(real, # (N, 1, H, W) real test images in [0, 1]
+                   generated: dict, # {row name: (M, 1, H, W) generated images in [0, 1]}
+                   encoder, # embedding for `embed` (any callable / nn.Module)
+                   ks=(5, 3, 1), # neighbourhood sizes (paper: 5, 3, 1)
+                   n: int|None = None, # samples per side; default the smallest set (real included)
+                   seed: int = 0, # subsampling seed
+                   device: str = "cpu", # where the embedding runs
+                  ) -> pd.DataFrame: # one row per generated set, columns "k=5", "k=3", "k=1", and n
+    "Coverage of each generated set against the same random subset of real images, every set cut to the same size."
+    if not isinstance(generated, dict) or not generated: raise ValueError("`generated` must be a non-empty dict {name: images}")
+    check_seed(seed)
+    sizes = [len(real)] + [len(v) for v in generated.values()]
+    n = min(sizes) if n is None else n
+    if not (isinstance(n, (int, np.integer)) and max(ks) < n <= min(sizes)):
+        raise ValueError(f"`n` must be an int in ({max(ks)}, {min(sizes)}] (samples per side), got {n!r}")
+    rng = np.random.default_rng(seed)
+    pick = lambda a: torch.as_tensor(np.asarray(a)[np.sort(rng.choice(len(a), n, replace=False))]).float()
+    fr = embed(pick(real), encoder, device=device, progress=False)
+    rows = {}
+    for name, imgs in generated.items():
+        cov = coverage(fr, embed(pick(imgs), encoder, device=device, progress=False), k=list(ks), device=device)
+        rows[name] = {f"k={k}": cov[k] for k in ks} | {"n": int(n)}
+    return pd.DataFrame.from_dict(rows, orient="index")
 
 # %% ../nbs/06_metrics.ipynb #4bdc5f3e
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

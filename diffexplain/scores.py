@@ -23,7 +23,7 @@ __all__ = ['TOY', 'quantile_bins', 'group_stats', 'global_score', 'local_scores'
            'bootstrap_scores', 'null_floor', 'corrected_global_score', 'ScoreTest', 'score_test', 'interval_coverage',
            'cace', 'linear_r2', 'plot_local_scores', 'plot_feature_logit', 'scores_from_sweep', 'sampler_feature',
            'sampler_decision', 'study_targets', 'constraint_errors', 'attribution_study', 'plot_target_vs_result',
-           'sample_rows', 'plot_sample_rows', 'toy_decision', 'gaussian_toy_study']
+           'sample_rows', 'plot_sample_rows', 'accepted_images', 'toy_decision', 'gaussian_toy_study']
 
 # %% ../nbs/04_scores.ipynb #53684886
 def _vec(x, # array or tensor, one value per sample
@@ -723,6 +723,13 @@ def plot_sample_rows(images, # (rows, cols, H, W) in [0, 1]
     if title: fig.suptitle(title, fontsize=9)
     fig.tight_layout(pad=0.2)
     return fig
+
+def accepted_images(result: dict, # from `attribution_study` with keep_images=True
+                   ) -> np.ndarray: # (n_accepted, C, H, W) accepted samples in [0, 1]
+    "The samples of a sweep that passed rejection, mapped to [0, 1] (what Table 3's coverage compares with real images)."
+    sw = result["sweep"]
+    if "images" not in sw: raise ValueError("`result` holds no images; run the study with keep_images=True")
+    return ((sw["images"][sw["accepted"].astype(bool)] + 1)/2).clip(0, 1)
 
 # %% ../nbs/04_scores.ipynb #h15a0102
 def toy_decision(tau: float, # noise scale τ of the decision, in feature units, > 0

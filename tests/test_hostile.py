@@ -128,8 +128,11 @@ ROWS = [
     Row(S.sample_rows, lambda: dict(result=dict(sweep=dict(SWEEP(), accepted=np.ones(40, bool), images=imgs(40).numpy())), n_rows=2, n_cols=3),
         {"n_rows": "int_pos", "n_cols": "int_pos"}),
     Row(S.plot_sample_rows, lambda: dict(images=np.zeros((2, 3, 8, 8)), targets=[0., 1.]), {"size": "pos"}),
+    Row(S.accepted_images, lambda: dict(result=dict(sweep=dict(SWEEP(), accepted=np.ones(40, bool), images=imgs(40).numpy()))), {}),
     Row(S.plot_target_vs_result, lambda: dict(result=dict(sweep=dict(SWEEP(), v=grp() / 4.0, accepted=np.ones(40, bool)), sigma_v=1.0)), {}),
     # ------------------------------------------------------------------ metrics
+    Row(M.coverage_table, lambda: dict(real=imgs01(n=20, c=1), generated={"a": imgs01(n=20, c=1)}, encoder=torch.nn.Flatten(), n=10),
+        {"generated": "dict", "n": "int_pos", "seed": "seed"}),
     Row(M.knn_radii, lambda: dict(features=feats()), {"features": "feat", "k": "int_pos", "batch_size": "int_pos"}),
     Row(M.prdc_metrics, lambda: dict(real_features=feats(), fake_features=feats(20)),
         {"real_features": "feat", "fake_features": "feat", "k": "int_pos", "batch_size": "int_pos", "metrics": "choice"}),
