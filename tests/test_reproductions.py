@@ -38,6 +38,16 @@ def test_reproductions_have_parameters_cell():
 
 
 # --- provenance of the committed results ----------------------------------------------------------------------------
+@pytest.mark.parametrize("nb", NOTEBOOKS)
+def test_reproduction_checks_results_dir_first(nb):
+    "Each driver refuses a dirty checkout before any work: `check_results_dir(out_dir)` in its setup cell, before models or sampling."
+    cells = [c for c in json.loads((ROOT/"reproductions"/nb).read_text())["cells"] if c["cell_type"] == "code"]
+    setup = "".join(cells[1]["source"])          # cells[0] is the parameters cell
+    assert "check_results_dir(out_dir)" in setup, f"{nb}: the setup cell must call check_results_dir(out_dir)"
+    before = setup.split("check_results_dir(out_dir)")[0]
+    assert not any(w in before for w in ("attribution(", "train", "sample(", "_setup(")), f"{nb}: work starts before the check"
+
+
 RESULTS = ROOT/"reproductions"/"results"
 # Written before run.json recorded a dirty flag (issue 15): their commit may not be the code that made them. Regenerate
 # each from a clean checkout (`git worktree add`), then delete its name here; the test fails if a name is left behind.
