@@ -16,6 +16,11 @@ tests/test_weights.py checks the store against the current code.
 
     python tools/ship_weights.py                       # from scratch in a fresh temporary cache (the reproducible way)
     python tools/ship_weights.py --cache-dir cache     # reuse entries already trained under the current code keys
+
+Measured from scratch (`--out /tmp/ship_fresh/weights`, 1 thread, a 2-core machine shared with other jobs): 2175 s
+(classifier + two regressors 997 s, DDPM training 959 s, its quality samples 214 s); all four weight files came out
+bit-identical to the committed ones (sha256), and so did the quality samples (the .npz differs only in its recorded
+sampling time).
 """
 from __future__ import annotations
 import argparse, hashlib, json, os, platform, shutil, subprocess, sys, tempfile, time
