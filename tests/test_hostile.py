@@ -314,7 +314,7 @@ DRIVERS = {
     M.FaceEmbedding: dict(net=torch.nn.Identity(), size=0), M.vggface2_resnet50: dict(num_classes=0),
     M.save_metrics_table: dict(df="not a table", path="/tmp/x"), D.tensor_dataset: dict(data={}, keys=("images",)),
     D.render_squares: dict(a=np.array([300.]), background=np.array([30.]), row=np.array([5]), col=np.array([40]), noise=np.zeros((1, 3, 64, 64))),
-    D.BrainROIDataset: dict(data={"image": np.zeros((2, 1, 4, 4, 4))}, target="nope"), D.cache_path: dict(name="", config={}),
+    D.BrainROIDataset: dict(data={"image": np.zeros((2, 1, 4, 4, 4))}, target="nope"), D.cache_path: dict(name="", config={}), D.use_shipped: dict(shipped="yes"), D.from_shipped: dict(entry="/nonexistent/e", sub="../outside"),
     D.code_version: dict(), D.atomic_write: dict(path="/tmp/diffexplain-hostile-aw", write_fn=None), D.save_arrays: dict(path=None),
     D.load_entry: dict(path="/nonexistent/x.npz", key=3), D.save_entry: dict(path=None, key="k"), D.clean_stale_tmp: dict(folder="/tmp", min_age_s=-1.0),
     D.fingerprint: dict(), DF.n_params: dict(model="unet"), DF.model_config: dict(model="unet"), DF.eps_fn: dict(unet="unet"),
@@ -325,7 +325,7 @@ DRIVER_OK = {D.load_entry: "a missing entry is None: it must be computed", D.fin
              D.code_version: "raises ValueError", DF.make_perceptual_loss: "needs local weights"}
 EXEMPT = {   # public names that are not functions to attack, with the reason
     "CorruptFileError": "an exception class", "Store": "made by open_store (covered)", "BootstrapScores": "a result dataclass",
-    "ScoreTest": "a result dataclass", "DiffAECodec": "a thin wrapper over DiffAE methods", "default_cache_dir": "takes no input",
+    "ScoreTest": "a result dataclass", "DiffAECodec": "a thin wrapper over DiffAE methods", "default_cache_dir": "takes no input", "shipped_dir": "takes no input",
     "l2_penalty": "any nn.Module is valid input",
 }
 
