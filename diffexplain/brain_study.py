@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
@@ -464,9 +465,13 @@ def hippocampus_sweep(lm: LatentModel, # latent diffusion model
 def sweep_scores(sweep: dict, # volume or hippocampus sweep with `y` (logits), `group`, `accepted`, `target`
                  cls, # (m,) diagnosis of each target (indexed by group id)
                  bins: int|None = None, # quantile-bin the targets for the local scores (None: one group per target)
-                ) -> dict: # balanced, global, local (DataFrame), y_kind, used, acceptance, n, n_groups
+                 weights: str = "equal", # weight of each target in all three scores: "equal" or "frequency" (accepted counts)
+                 var_y: str = "balanced", # denominator of the headline balanced score: "balanced" or "pooled" Var(Y)
+                ) -> dict: # balanced, glob, local (DataFrame), readings (DataFrame), y_kind, used, acceptance, n, n_groups
     "Class-balanced global score (paper Table 2), plain global and local scores of one sweep."
     y, grp = np.asarray(sweep["y"], np.float64), np.asarray(sweep["group"], np.int64)
+    if weights not in ("equal", "frequency"): raise ValueError(f'`weights` must be "equal" or "frequency", got {weights!r}')
+    if var_y not in ("balanced", "pooled"): raise ValueError(f'`var_y` must be "balanced" or "pooled", got {var_y!r}')
     if np.isnan(y).any(): raise ValueError("`sweep['y']` has NaN: the sweep was run without the classifier")
     cls = np.asarray(cls); acc = np.asarray(sweep.get("accepted", np.ones(len(y), bool)), bool)
     if grp.max() >= len(cls): raise ValueError(f"`cls` must give the class of every target (group ids up to {grp.max()}), got {len(cls)}")
@@ -478,10 +483,12 @@ def sweep_scores(sweep: dict, # volume or hippocampus sweep with `y` (logits), `
     y_kind = "decision" if d.min() != d.max() else "probability"
     yy = d if y_kind == "decision" else 1/(1 + np.exp(-y[sel]))
     v = np.asarray(sweep["target"], np.float64)[sel]
-    bal = balanced_global_score(yy, grp[sel], c[sel])
-    glob = global_score(yy, grp[sel], weights="equal")
-    loc = local_scores(yy, v, weights="equal", bins=bins)
-    return dict(balanced=bal, glob=glob, local=loc, y_kind=y_kind, used=used, acceptance=float(acc.mean()),
+    readings = pd.DataFrame([dict(weights=w, var_y=d, balanced=balanced_global_score(yy, grp[sel], c[sel], weights=w, var_y=d))
+                             for w in ("equal", "frequency") for d in ("balanced", "pooled")])
+    bal = float(readings.balanced[(readings.weights == weights) & (readings.var_y == var_y)].iloc[0])
+    glob = global_score(yy, grp[sel], weights=weights)
+    loc = local_scores(yy, v, weights=weights, bins=bins)
+    return dict(balanced=bal, glob=glob, local=loc, readings=readings, y_kind=y_kind, used=used, acceptance=float(acc.mean()),
                 n=int(sel.sum()), n_groups=int(len(np.unique(grp[sel]))))
 
 # %% ../nbs/09_brain_study.ipynb #eba4d281

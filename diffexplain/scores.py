@@ -178,7 +178,7 @@ def balanced_global_score(y, # (n,) model decisions (0/1), probabilities or logi
                           cls, # (n,) true class of each sample (e.g. 0 = CN, 1 = AD)
                           classes=None, # classes that must all be present; default: the distinct values of `cls`
                           weights="frequency", # group weights within each class: "frequency" or "equal"
-                          var_y: float|str|None = None, # None: class-balanced Var(Y); "pooled"; or a number
+                          var_y: float|str|None = None, # None or "balanced": class-balanced Var(Y); "pooled": Var(Y) of all samples under the same group weights; or a number
                           bins: int|None = None, # quantile-bin a continuous `v` into this many bins first
                          ) -> float: # 1 - mean_c E[Var(Y|V, C=c)] / Var(Y)
     "Class-balanced global score (attribution paper §4.2.2): E[Var(Y|V)] averaged over classes like balanced accuracy."
@@ -190,7 +190,9 @@ def balanced_global_score(y, # (n,) model decisions (0/1), probabilities or logi
     if len(v0) < 2: raise ValueError(f"`v` takes a single value ({v0[0]!r}): need at least two groups")
     classes = np.unique(cls) if classes is None else np.asarray(classes)
     if len(classes) < 2: raise ValueError(f"`cls` has a single class ({classes[0]!r}): the balanced score needs at least two")
-    unexpl, vc, mc = [], [], []
+    if var_y is not None and isinstance(var_y, str) and var_y not in ("balanced", "pooled"):
+        raise ValueError(f'`var_y` must be None, "balanced", "pooled" or a positive number, got {var_y!r}')
+    unexpl, vc, mc, cells = [], [], [], []
     for c in classes:
         mask = cls == c
         if not mask.any(): raise ValueError(f"`cls` has no sample of class {c!r}: every class must be present (empty class)")
@@ -200,11 +202,13 @@ def balanced_global_score(y, # (n,) model decisions (0/1), probabilities or logi
         u_c, m_c = float((w * var).sum()), float((w * mean).sum())   # E[Var(Y|V, C=c) | C=c], E[Y|C=c]
         unexpl.append(u_c)                                     # summed directly: defined when Var(Y|C=c) = 0
         vc.append(u_c + float((w * (mean - m_c) ** 2).sum())); mc.append(m_c)   # Var(Y|C=c) by total variance
-    if var_y is None:
+        cells.append((N, mean, var))
+    if var_y is None or var_y == "balanced":
         mc = np.array(mc); vy = float(np.mean(vc) + np.mean((mc - mc.mean()) ** 2))
-    elif isinstance(var_y, str):
-        if var_y != "pooled": raise ValueError(f'`var_y` must be None, "pooled" or a positive number, got {var_y!r}')
-        vy = float(y.var())
+    elif isinstance(var_y, str):   # "pooled": every (class, group) cell weighed as in the plain score with `weights`
+        N, mean, var = (np.concatenate(a) for a in zip(*cells))
+        w = N / N.sum() if weights == "frequency" else (N > 0) / (N > 0).sum()
+        m = float((w * mean).sum()); vy = float((w * (var + (mean - m) ** 2)).sum())
     else: vy = _check_var_y(var_y)
     if vy <= 1e-12 * max(1.0, float(y.mean()) ** 2):
         raise ValueError("`y` is constant (Var(Y) = 0): a constant classifier has no variance to explain")
