@@ -20,18 +20,19 @@ from .models import (save_checkpoint, load_checkpoint, resnet10t_3d, Rescaled, t
                                 accuracy, balanced_accuracy, r2_score, _seeded, _code, _TRAIN_CODE)
 from .diffusion import (make_scheduler, make_autoencoder3d, make_unet3d, vae_loss, to_model_range,
                                    from_model_range, model_config, data_fingerprint, train_diffusion, LatentTransform,
-                                   latent_scale_factor, decode_latent)
+                                   latent_scale_factor, decode_latent, make_perceptual_loss)
 from .guided_sampling import (constrained_sample, constrained_sweep, downsample_mask, guided_edit,
                                          sample_seeds, target_file, load_sweep)
 from .scores import balanced_global_score, global_score, local_scores
 from .counterfactuals import diffusion_ce
 
 # %% auto #0
-__all__ = ['BRAIN_RHO', 'BRAIN_STUDY_PROFILES', 'LDM_UNETS', 'BRAIN_PROFILES', 'BRAIN_SPLIT', 'check_study_profile',
-           'make_ldm_unet', 'brain_table', 'brain_models', 'oasis3_help', 'brain_data', 'train_vae', 'LatentModel',
-           'load_or_train_vae', 'load_or_train_ldm', 'volume_feature', 'ad_logit', 'BrainStudy', 'brain_study',
-           'balanced_targets', 'volume_sweep', 'hippocampus_sweep', 'sweep_scores', 'study_volume_sweep',
-           'study_hippocampus_sweep', 'volume_edit', 'brain_counterfactuals', 'central_slice', 'show_slices']
+__all__ = ['BRAIN_RHO', 'BRAIN_STUDY_PROFILES', 'LDM_UNETS', 'BRAIN_PROFILES', 'BRAIN_SPLIT', 'TARGET_UNITS',
+           'check_study_profile', 'make_ldm_unet', 'brain_table', 'brain_models', 'oasis3_help', 'brain_data',
+           'train_vae', 'LatentModel', 'load_or_train_vae', 'load_or_train_ldm', 'volume_feature', 'ad_logit',
+           'BrainStudy', 'resolve_perceptual', 'brain_study', 'balanced_targets', 'subject_targets', 'target_rois',
+           'volume_sweep', 'hippocampus_sweep', 'sweep_scores', 'study_volume_sweep', 'study_hippocampus_sweep',
+           'volume_edit', 'brain_counterfactuals', 'central_slice', 'show_slices']
 
 # %% ../nbs/09_brain_study.ipynb #ff4938be
 BRAIN_RHO = {"hippocampal_volume": {0: 0.04, 401: 0.03}, "hippocampus": 0.4} # guidance step ρ_t, attribution paper App. D Table 9
@@ -41,20 +42,20 @@ BRAIN_STUDY_PROFILES = {
                            ckpt_every=10),
                   ldm=dict(unet="tiny", steps=30, batch_size=4, lr=3e-3, lr_schedule="cosine", lr_warmup=2,
                            ema_decay=0.999, ema_power=2/3, ckpt_every=15),
-                  sample=dict(num_steps=8, rho_volume=2.0, rho_hippocampus=2.0, n_targets=4, n=2, keep_images=True,
+                  sample=dict(num_steps=8, rho_volume=2.0, rho_hippocampus=2.0, n_targets=4, n=2, keep_images=True, target_unit="roi",
                               edit_steps=8, edit_rho=2.0, ce_steps=16, n_ce=4)),
     "quick": dict(vae=dict(channels=(32, 64), num_res_blocks=2, norm_num_groups=32, steps=5_000, batch_size=4, lr=1e-4,
                            ckpt_every=500),
                   ldm=dict(unet="small", steps=20_000, batch_size=8, lr=1e-4, lr_schedule="cosine", lr_warmup=500,
                            ema_decay=0.9999, ema_power=2/3, ckpt_every=1000),
-                  sample=dict(num_steps=50, rho_volume={0: 0.8, 401: 0.6}, rho_hippocampus=8.0, n_targets=40, n=20,
+                  sample=dict(num_steps=50, rho_volume={0: 0.8, 401: 0.6}, rho_hippocampus=8.0, n_targets=40, n=20, target_unit="roi",
                               keep_images=False, edit_steps=50, edit_rho=0.8, ce_steps=100, n_ce=20)),
     "paper": dict(vae=dict(channels=(32, 64), num_res_blocks=2, norm_num_groups=32, steps=50_000, batch_size=4, lr=1e-4,
                            ckpt_every=2000),
                   ldm=dict(unet="paper", steps=300_000, batch_size=8, lr=1e-5, lr_schedule="constant", lr_warmup=0,
                            ema_decay=0.9999, ema_power=None, ckpt_every=5000),
                   sample=dict(num_steps=1000, rho_volume=BRAIN_RHO["hippocampal_volume"],
-                              rho_hippocampus=BRAIN_RHO["hippocampus"], n_targets=None, n=200, keep_images=False,
+                              rho_hippocampus=BRAIN_RHO["hippocampus"], n_targets=None, n=200, keep_images=False, target_unit="roi",
                               edit_steps=100, edit_rho=0.3, ce_steps=1000, n_ce=None)),
 }
 LDM_UNETS = {"small": dict(channels=(32, 64, 64), attention_levels=(False, False, True), num_res_blocks=2,
@@ -344,20 +345,44 @@ class BrainStudy:
                 f"VAE {'loaded' if self.info['vae']['loaded'] else 'trained'}, latent DDPM "
                 f"{'loaded' if self.info['ldm']['loaded'] else 'trained'} (profile {self.profile})")
 
+def resolve_perceptual(perceptual, # a perceptual-loss module, a torch-hub folder (str or Path) with checkpoints/squeezenet1_1-*.pth, "off" or None
+                       profile: str, # the study profile: "paper" refuses to train without the term unless told "off"
+                      ): # the loss module, or None (term off)
+    "The VAE's perceptual term for a study: the paper profile stops unless local weights are given or it is turned off by name."
+    check_study_profile(profile)
+    if isinstance(perceptual, str) and perceptual == "off": return None
+    if isinstance(perceptual, (str, Path)):
+        hub = Path(perceptual)
+        if not list((hub/"checkpoints").glob("squeezenet1_1-*.pth")):
+            raise FileNotFoundError(f"`perceptual`: no SqueezeNet weights {hub}/checkpoints/squeezenet1_1-*.pth (the LPIPS "
+                                    "SqueezeNet of MONAI's PerceptualLoss); give the torch-hub folder that holds them, or "
+                                    'perceptual="off" to train the VAE without the perceptual term')
+        perceptual = make_perceptual_loss(hub)
+    if perceptual is None and profile == "paper":
+        raise ValueError('`perceptual`: the paper profile trains the VAE with L1 + KL + a perceptual term (weight 1e-3, '
+                         "MONAI PerceptualLoss on SqueezeNet/LPIPS, attribution paper App. D), which needs local weights: "
+                         "pass perceptual=<torch-hub folder with checkpoints/squeezenet1_1-*.pth> (or make_perceptual_loss(...)), "
+                         'or perceptual="off" to train without it (recorded in run.json)')
+    if perceptual is not None and not callable(perceptual):
+        raise TypeError(f'`perceptual` must be a loss module, a torch-hub folder, "off" or None, got {type(perceptual).__name__}')
+    return perceptual
+
 def brain_study(profile: str = "quick", # smoke | quick | paper
                 data_dir: str|Path = "data", # OASIS-3 in `data_dir/oasis3`; smoke phantoms are written here
                 cache_dir: str|Path|None = None, # ROIs, models and sweeps (default `default_cache_dir()`)
                 seed: int = 0, # data, split, weights and sampling seed
                 device: str = "cpu", # cpu | cuda | auto
                 progress: bool = True, # tqdm bars
-                perceptual=None, # `make_perceptual_loss(hub_dir)` for the paper's VAE loss; None without local weights
+                perceptual=None, # the VAE's perceptual term: `make_perceptual_loss(hub_dir)`, a torch-hub folder with the SqueezeNet weights, or "off"; None: off, except the paper profile stops
                ) -> BrainStudy:
     "Train or load every model of the brain study; FileNotFoundError (listing the files) without OASIS-3."
     p = check_study_profile(profile)
+    perceptual = resolve_perceptual(perceptual, profile)
     data = brain_data(profile, data_dir, cache_dir, seed)
     models = brain_models(profile, data_dir=data_dir, cache_dir=cache_dir, seed=seed, device=device, progress=progress)
     vol = torch.from_numpy(data["rois"]["image"][data["split"]["train"]]).float()
     ae, vinfo = load_or_train_vae(vol, p["vae"], cache_dir, seed, device, progress, perceptual)
+    vinfo = dict(vinfo, perceptual=perceptual is not None)
     lm, linfo = load_or_train_ldm(ae, vol, p["ldm"], cache_dir, seed, device, progress)
     for k in ("classifier", "regressor"): models[k]["model"].to(get_device(device)).eval()
     return BrainStudy(profile, data, models, lm, dict(vae=vinfo, ldm=linfo),
@@ -376,6 +401,32 @@ def balanced_targets(label, # (m,) diagnosis of each candidate ROI (0 = CN, 1 = 
     per = [n_targets//len(classes) + (i < n_targets % len(classes)) for i in range(len(classes))]
     for c, k in zip(classes, per): out += list(rng.permutation(np.flatnonzero(label == c))[:k])
     return np.sort(np.asarray(out, dtype=np.int64))
+
+TARGET_UNITS = ("roi", "subject")
+
+def subject_targets(subject, # (m,) subject id of each candidate ROI
+                    seed: int = 0, # which ROI (hemisphere) of each subject
+                   ) -> np.ndarray: # sorted positions into `subject`, exactly one per distinct subject
+    "One candidate ROI per subject (a random one of its ROIs): targets per subject instead of per ROI."
+    subject = np.asarray(subject)
+    if subject.ndim != 1 or len(subject) == 0: raise ValueError(f"`subject` must be a non-empty 1-D array of ids, got shape {subject.shape}")
+    rng = np.random.default_rng(seed); _, inv = np.unique(subject, return_inverse=True)
+    key = rng.random(len(subject))                               # random order, then the first ROI of each subject
+    order = np.lexsort((key, inv)); first = np.r_[True, inv[order][1:] != inv[order][:-1]]
+    return np.sort(order[first]).astype(np.int64)
+
+def target_rois(subject, # (m,) subject id of each candidate (test) ROI
+                label, # (m,) diagnosis of each candidate ROI
+                n_targets: int|None, # how many targets, balanced over the classes; None: all candidates (of the unit)
+                unit: str = "roi", # "roi": every ROI is a candidate; "subject": one ROI per subject
+                seed: int = 0, # which ones
+               ) -> np.ndarray: # sorted positions into the candidates
+    "Target ROIs of a brain sweep: per ROI or per subject, then balanced over the classes."
+    if unit not in TARGET_UNITS: raise ValueError(f"`unit` must be one of {TARGET_UNITS}, got {unit!r}")
+    label = np.asarray(label)
+    if len(np.asarray(subject)) != len(label): raise ValueError(f"`subject` and `label` must have the same length, got {len(subject)} and {len(label)}")
+    cand = np.arange(len(label)) if unit == "roi" else subject_targets(subject, seed)
+    return cand[balanced_targets(label[cand], n_targets, seed)]
 
 def volume_sweep(lm: LatentModel, # latent diffusion model
                  g: Callable, # differentiable volume feature on decoded volumes ([-1, 1]) -> (n,)
@@ -496,42 +547,46 @@ def _study_key(study, **kw):
     return dict(vae=study.info["vae"]["path"], ldm=study.info["ldm"]["path"], clf=study.models["classifier"]["path"],
                 reg=study.models["regressor"]["path"], seed=study.seed, **kw)
 
-def _sweep_setup(study, n_targets, n, keep_images):
-    "Profile settings, ROIs, the class-balanced target ROIs of the test split, n and keep_images (profile defaults)."
+def _sweep_setup(study, n_targets, n, keep_images, target_unit=None):
+    "Profile settings, ROIs, the class-balanced target ROIs of the test split, n, keep_images and target unit (profile defaults)."
     s = study.settings["sample"]
     n_targets = s["n_targets"] if n_targets == -1 else n_targets
+    unit = s.get("target_unit", "roi") if target_unit is None else target_unit
     te, r = study.data["split"]["test"], study.data["rois"]
-    roi = te[balanced_targets(r["label"][te], n_targets, study.seed)]
-    return s, r, roi, n or s["n"], s["keep_images"] if keep_images is None else keep_images
+    roi = te[target_rois(r["subject"][te], r["label"][te], n_targets, unit, study.seed)]
+    return s, r, roi, n or s["n"], s["keep_images"] if keep_images is None else keep_images, unit
 
 def study_volume_sweep(study: BrainStudy, # from `brain_study`
                        n_targets: int|None = -1, # -1: the profile's; None: every test ROI
                        n: int|None = None, # samples per target; None: the profile's
                        keep_images: bool|None = None, # None: the profile's
                        progress: bool = True,
-                      ) -> dict: # sweep arrays + cls, roi (per target), targets, sigma_v
+                       target_unit: str|None = None, # "roi" or "subject" (one ROI per test subject); None: the profile's
+                      ) -> dict: # sweep arrays + cls, roi (per target), targets, sigma_v, target_unit
     "The hippocampal-volume sweep of a study (cached in its `cache_dir`)."
-    s, r, roi, n, keep = _sweep_setup(study, n_targets, n, keep_images)
+    s, r, roi, n, keep, unit = _sweep_setup(study, n_targets, n, keep_images, target_unit)
     tg = r["volume"][roi].astype(np.float32); v_data = r["volume"][study.data["split"]["train"]]
-    key = _study_key(study, kind="volume", roi=roi.tolist(), n=n, rho=s["rho_volume"], steps=s["num_steps"], images=keep)
+    key = _study_key(study, kind="volume", unit=unit, roi=roi.tolist(), n=n, rho=s["rho_volume"], steps=s["num_steps"], images=keep)
     out_dir = cache_path("brain-volume-sweep", key, study.cache_dir)
     sw = volume_sweep(study.lm, study.g, study.y, tg, n, r["image"].shape[1:], out_dir, v_data, rho=s["rho_volume"],
                       num_steps=s["num_steps"], seed=study.seed, keep_images=keep, progress=progress)
-    return dict(sw, cls=r["label"][roi], roi=roi, targets=tg, sigma_v=float(np.std(v_data, ddof=1)), path=str(out_dir))
+    return dict(sw, cls=r["label"][roi], roi=roi, targets=tg, sigma_v=float(np.std(v_data, ddof=1)), target_unit=unit,
+                path=str(out_dir))
 
 def study_hippocampus_sweep(study: BrainStudy, # from `brain_study`
                             n_targets: int|None = -1, # -1: the profile's; None: every test ROI
                             n: int|None = None, # samples per target; None: the profile's
                             keep_images: bool|None = None, # None: the profile's
                             progress: bool = True,
-                           ) -> dict: # sweep arrays + cls, roi
+                            target_unit: str|None = None, # "roi" or "subject" (one ROI per test subject); None: the profile's
+                           ) -> dict: # sweep arrays + cls, roi, target_unit
     "The hippocampus (inpainting) sweep of a study (cached in its `cache_dir`)."
-    s, r, roi, n, keep = _sweep_setup(study, n_targets, n, keep_images)
-    key = _study_key(study, kind="hippocampus", roi=roi.tolist(), n=n, rho=s["rho_hippocampus"], steps=s["num_steps"], images=keep)
+    s, r, roi, n, keep, unit = _sweep_setup(study, n_targets, n, keep_images, target_unit)
+    key = _study_key(study, kind="hippocampus", unit=unit, roi=roi.tolist(), n=n, rho=s["rho_hippocampus"], steps=s["num_steps"], images=keep)
     out_dir = cache_path("brain-hippocampus-sweep", key, study.cache_dir)
     sw = hippocampus_sweep(study.lm, study.y, r["image"][roi], r["mask_dilated"][roi], n, out_dir, rho=s["rho_hippocampus"],
                            num_steps=s["num_steps"], seed=study.seed, keep_images=keep, progress=progress)
-    return dict(sw, cls=r["label"][roi], roi=roi, path=str(out_dir))
+    return dict(sw, cls=r["label"][roi], roi=roi, target_unit=unit, path=str(out_dir))
 
 def volume_edit(study: BrainStudy, # from `brain_study`
                 roi: int, # ROI index (into `study.data['rois']`)
