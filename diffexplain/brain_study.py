@@ -15,7 +15,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 from .data import (get_device, cache_path, config_hash, atomic_write, check_tensor, load_brain_rois,
                               subject_split, save_arrays, load_arrays, code_version, make_brain_phantoms, class_weights,
-                              BrainROIDataset)
+                              BrainROIDataset, PHANTOM_LABEL_MODEL, phantom_ad_probability)
 from .models import (save_checkpoint, load_checkpoint, resnet10t_3d, Rescaled, train_model, load_or_train, predict,
                                 accuracy, balanced_accuracy, r2_score, _seeded, _code, _TRAIN_CODE)
 from .diffusion import (make_scheduler, make_autoencoder3d, make_unet3d, vae_loss, to_model_range,
@@ -31,8 +31,8 @@ __all__ = ['BRAIN_RHO', 'BRAIN_STUDY_PROFILES', 'LDM_UNETS', 'BRAIN_PROFILES', '
            'check_study_profile', 'make_ldm_unet', 'brain_table', 'brain_models', 'oasis3_help', 'brain_data',
            'train_vae', 'LatentModel', 'load_or_train_vae', 'load_or_train_ldm', 'volume_feature', 'ad_logit',
            'BrainStudy', 'resolve_perceptual', 'brain_study', 'balanced_targets', 'subject_targets', 'target_rois',
-           'volume_sweep', 'hippocampus_sweep', 'sweep_scores', 'study_volume_sweep', 'study_hippocampus_sweep',
-           'volume_edit', 'brain_counterfactuals', 'central_slice', 'show_slices']
+           'volume_sweep', 'hippocampus_sweep', 'sweep_scores', 'phantom_true_scores', 'study_volume_sweep',
+           'study_hippocampus_sweep', 'volume_edit', 'brain_counterfactuals', 'central_slice', 'show_slices']
 
 # %% ../nbs/09_brain_study.ipynb #ff4938be
 BRAIN_RHO = {"hippocampal_volume": {0: 0.04, 401: 0.03}, "hippocampus": 0.4} # guidance step ρ_t, attribution paper App. D Table 9
@@ -541,6 +541,33 @@ def sweep_scores(sweep: dict, # volume or hippocampus sweep with `y` (logits), `
     loc = local_scores(yy, v, weights=weights, bins=bins)
     return dict(balanced=bal, glob=glob, local=loc, readings=readings, y_kind=y_kind, used=used, acceptance=float(acc.mean()),
                 n=int(sel.sum()), n_groups=int(len(np.unique(grp[sel]))))
+
+# %% ../nbs/09_brain_study.ipynb #f3c8a1e6
+def _balanced_moments(c, mean, var):
+    "Class-balanced score (equal target weights, class-balanced Var(Y)) from exact per-target means and variances."
+    u, m, v = [], [], []
+    for k in np.unique(c):
+        s = c == k; u.append(var[s].mean()); m.append(mean[s].mean()); v.append(u[-1] + ((mean[s] - m[-1])**2).mean())
+    m = np.array(m); den = float(np.mean(v) + ((m - m.mean())**2).mean())
+    return 1 - float(np.mean(u))/den
+
+def phantom_true_scores(n_targets: int = 200_000, # Monte Carlo targets drawn from the phantom generator
+                        seed: int = 0, # Monte Carlo seed
+                        center: float = PHANTOM_LABEL_MODEL["center"], # label model (see `phantom_ad_probability`)
+                        width: float = PHANTOM_LABEL_MODEL["width"],
+                       ) -> pd.DataFrame: # index factor (volume, ventricle), columns label, bayes: the true balanced scores
+    "True class-balanced global scores of hippocampal volume and of the (ignored) ventricle size on `label_model=\"volume\"` phantoms."
+    if not (isinstance(n_targets, (int, np.integer)) and n_targets >= 100): raise ValueError(f"`n_targets` must be an int >= 100, got {n_targets!r}")
+    lm = PHANTOM_LABEL_MODEL; rng = np.random.default_rng(seed)
+    s = rng.uniform(*lm["scale"], n_targets)                  # targets: size, (ventricle: independent of all else), diagnosis
+    p = phantom_ad_probability(s, center, width); c = (rng.random(n_targets) < p).astype(int)
+    if len(np.unique(c)) < 2: raise ValueError("the label model gives a single class on the phantoms: widen `width` or move `center`")
+    fresh = phantom_ad_probability(rng.uniform(*lm["scale"], n_targets), center, width)   # a sample's own (free) size
+    pbar, qbar = fresh.mean(), (fresh > 0.5).mean()          # E[Y] of samples whose size is free
+    d = (p > 0.5).astype(float); one = np.ones(n_targets)
+    return pd.DataFrame({"label": [_balanced_moments(c, p, p*(1 - p)), _balanced_moments(c, pbar*one, pbar*(1 - pbar)*one)],
+                         "bayes": [_balanced_moments(c, d, 0*d), _balanced_moments(c, qbar*one, qbar*(1 - qbar)*one)]},
+                        index=pd.Index(["volume", "ventricle"], name="factor"))
 
 # %% ../nbs/09_brain_study.ipynb #eba4d281
 def _study_key(study, **kw):

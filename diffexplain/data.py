@@ -12,14 +12,15 @@ from torch.utils.data import Dataset, TensorDataset
 
 # %% auto #0
 __all__ = ['SQUARE_SIZE', 'SQUARE_BORDER', 'SQUARE_IMG', 'SQUARE_POSITIONS', 'CELEBA_SPLITS', 'CELEBA_ATTRS', 'TINY_CELEBA_LINKS',
-           'HIPPO_LABELS', 'seed_everything', 'get_device', 'config_hash', 'default_cache_dir', 'cache_path',
-           'shipped_dir', 'use_shipped', 'from_shipped', 'code_version', 'CorruptFileError', 'clean_stale_tmp',
-           'atomic_write', 'save_arrays', 'load_arrays', 'fingerprint', 'load_entry', 'save_entry', 'Store',
-           'open_store', 'check_tensor', 'check_int', 'check_number', 'check_seed', 'check_choice', 'render_ellipses',
-           'sample_ellipse_params', 'make_ellipses', 'split_indices', 'tensor_dataset', 'moment_area', 'moment_log_ar',
-           'render_squares', 'make_squares', 'reference_value', 'square_eval_grid', 'read_attr_file', 'load_face_image',
-           'CelebA', 'CelebAHQ', 'AgeTable', 'write_tiny_celeba', 'extract_hippocampus_rois', 'read_subject_table',
-           'load_brain_rois', 'subject_split', 'class_weights', 'BrainROIDataset', 'make_brain_phantoms']
+           'HIPPO_LABELS', 'PHANTOM_LABEL_MODEL', 'seed_everything', 'get_device', 'config_hash', 'default_cache_dir',
+           'cache_path', 'shipped_dir', 'use_shipped', 'from_shipped', 'code_version', 'CorruptFileError',
+           'clean_stale_tmp', 'atomic_write', 'save_arrays', 'load_arrays', 'fingerprint', 'load_entry', 'save_entry',
+           'Store', 'open_store', 'check_tensor', 'check_int', 'check_number', 'check_seed', 'check_choice',
+           'render_ellipses', 'sample_ellipse_params', 'make_ellipses', 'split_indices', 'tensor_dataset',
+           'moment_area', 'moment_log_ar', 'render_squares', 'make_squares', 'reference_value', 'square_eval_grid',
+           'read_attr_file', 'load_face_image', 'CelebA', 'CelebAHQ', 'AgeTable', 'write_tiny_celeba',
+           'extract_hippocampus_rois', 'read_subject_table', 'load_brain_rois', 'subject_split', 'class_weights',
+           'BrainROIDataset', 'phantom_ad_probability', 'make_brain_phantoms']
 
 # %% ../nbs/00_data.ipynb #4a7dfee5
 def seed_everything(seed: int # seed for Python, NumPy and torch (CPU and CUDA)
@@ -934,11 +935,26 @@ class BrainROIDataset(Dataset):
         return (img, *[m > 0.5 for m in ms], y)
 
 # %% ../nbs/00_data.ipynb #9cfe4450
+PHANTOM_LABEL_MODEL = dict(center=0.85, width=0.05, scale=(0.7, 1.15), ventricle=(0.6, 1.4)) # "volume" label model of the phantoms
+
+def phantom_ad_probability(scale, # hippocampus size factor(s) of the phantom subjects (volume ∝ scale³)
+                           center: float = PHANTOM_LABEL_MODEL["center"], # size factor with P(AD) = 1/2
+                           width: float = PHANTOM_LABEL_MODEL["width"], # logistic width: smaller = more deterministic
+                          ) -> np.ndarray: # P(AD | scale) = σ((center − scale)/width)
+    "The known label model of `make_brain_phantoms(label_model=\"volume\")`: AD is likelier the smaller the hippocampus."
+    try: s = np.asarray(scale, dtype=np.float64)
+    except (TypeError, ValueError): raise ValueError(f"`scale` must be numbers (hippocampus size factors), got {scale!r}") from None
+    if s.size == 0: raise ValueError("`scale` is empty: need at least one size factor")
+    if not np.isfinite(s).all(): raise ValueError("`scale` contains NaN or inf")
+    if isinstance(width, (bool, str)) or not isinstance(width, (int, float, np.number)) or not (np.isfinite(width) and width > 0): raise ValueError(f"`width` must be a positive number, got {width!r}")
+    return 1/(1 + np.exp(-(center - s)/width))
+
 def make_brain_phantoms(out_dir: str|Path, # folder to write `<subject>/T1.nii.gz`, `<subject>/aseg.nii.gz`, `subjects.csv`
                         n_subjects: int = 8, # number of subjects (>= 2; a quarter, at least one, are AD)
                         seed: int = 0, # seed of sizes and noise
                         shape: tuple = (80, 96, 80), # volume shape (x: left→right, y: posterior→anterior, z: inferior→superior)
                         voxel_size: tuple = (1.0, 1.0, 1.0), # mm per voxel (written to the header)
+                        label_model: str|None = None, # None: AD = the smallest quarter; "volume": AD ~ Bernoulli(`phantom_ad_probability`(scale)), ventricles of independent size
                        ) -> Path: # path of the subject table (`subject`, `diagnosis`, `t1`, `aseg`, `volume_left_mm3`, `volume_right_mm3`)
     "Write synthetic OASIS-3-style subjects with hippocampi of known volume; AD subjects have the smallest ones."
     import nibabel as nib, pandas as pd
@@ -947,6 +963,7 @@ def make_brain_phantoms(out_dir: str|Path, # folder to write `<subject>/T1.nii.g
     if len(shape) != 3 or min(shape) < 32: raise ValueError(f"`shape` must be 3 sizes >= 32, got {shape}")
     vs = np.asarray(voxel_size, dtype=np.float64)
     if vs.shape != (3,) or (vs <= 0).any(): raise ValueError(f"`voxel_size` must be 3 positive numbers, got {voxel_size}")
+    if label_model not in (None, "volume"): raise ValueError(f'`label_model` must be None or "volume", got {label_model!r}')
     out_dir = Path(out_dir); rng = np.random.default_rng(seed)
     X, Y, Z = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
     cx, cy, cz = [(s - 1)/2 for s in shape]
@@ -955,16 +972,23 @@ def make_brain_phantoms(out_dir: str|Path, # folder to write `<subject>/T1.nii.g
     head, brain, wm = ell((cx, cy, cz), head_r), ell((cx, cy, cz), head_r - 3), ell((cx, cy, cz + 4), 0.6*head_r)
     scale = rng.uniform(0.7, 1.15, n_subjects)
     n_ad = max(1, int(round(0.25*n_subjects))); ad = np.zeros(n_subjects, bool); ad[np.argsort(scale)[:n_ad]] = True
+    vent = np.ones(n_subjects)
+    if label_model == "volume":                                 # own stream: the default phantoms stay as they were
+        lm = PHANTOM_LABEL_MODEL; r2 = np.random.default_rng([seed, 16])
+        scale = r2.uniform(*lm["scale"], n_subjects); vent = r2.uniform(*lm["ventricle"], n_subjects)
+        p_ad = phantom_ad_probability(scale); ad = r2.random(n_subjects) < p_ad
     rows = []
     for i in range(n_subjects):
         sub = f"sub-{i:04d}"; (out_dir/sub).mkdir(parents=True, exist_ok=True)
         seg = np.zeros(shape, np.int16); left = X < cx
         seg[brain] = np.where(left, 3, 42)[brain]; seg[wm] = np.where(left, 2, 41)[wm]
-        vols = []
-        for side, sign, lab, vent in (("left", -1, 17, 4), ("right", 1, 53, 43)):
+        vols, vvols = [], []
+        for side, sign, lab, ventricle in (("left", -1, 17, 4), ("right", 1, 53, 43)):
             s = scale[i]*rng.uniform(0.95, 1.05)
+            if label_model == "volume": s = scale[i]               # both hippocampi: volume an exact function of scale
             c = (cx + sign*0.2*shape[0], cy + 0.05*shape[1], cz - 0.12*shape[2])
-            seg[ell((c[0] - sign*2, c[1] + 2, c[2] + 7), (2.5, 9, 3))] = vent
+            vm = ell((c[0] - sign*2, c[1] + 2, c[2] + 7), (2.5*vent[i], 9*vent[i], 3*vent[i])); seg[vm] = ventricle
+            vvols.append(vm.sum()*vs.prod())
             hip = ell(c, (3.5*s, 11*s, 4*s)); seg[hip] = lab; vols.append(hip.sum()*vs.prod())
         t1 = np.zeros(shape, np.float32)
         t1[head] = 0.35; t1[brain] = 0.55; t1[np.isin(seg, (2, 41))] = 0.85; t1[np.isin(seg, (4, 43))] = 0.12
@@ -978,6 +1002,8 @@ def make_brain_phantoms(out_dir: str|Path, # folder to write `<subject>/T1.nii.g
         nib.save(nib.Nifti1Image(data_seg, affine), str(out_dir/sub/"aseg.nii.gz"))
         rows.append(dict(subject=sub, diagnosis="AD" if ad[i] else "CN", t1=f"{sub}/T1.nii.gz", aseg=f"{sub}/aseg.nii.gz",
                          volume_left_mm3=vols[0], volume_right_mm3=vols[1]))
+        if label_model == "volume": rows[-1].update(scale=scale[i], ventricle_scale=vent[i], p_ad=p_ad[i],
+                                                    ventricle_left_mm3=vvols[0], ventricle_right_mm3=vvols[1])
     table = out_dir/"subjects.csv"
     atomic_write(table, lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
     return table

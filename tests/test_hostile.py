@@ -218,6 +218,8 @@ ROWS = [
     Row(D.sample_ellipse_params, lambda: dict(n=4), {"n": "int_pos", "img_size": "int_pos", "seed": "seed", "margin": "nonneg"}),
     Row(D.split_indices, lambda: dict(n=20), {"n": "int_pos", "val_frac": "frac", "test_frac": "frac", "seed": "seed"}),
     Row(D.moment_area, lambda: dict(images=imgs01(c=1)), {"images": "img"}, ok={("images", "rank"): "(n, H, W) is a documented input"}),
+    Row(D.phantom_ad_probability, lambda: dict(scale=np.array([0.8, 0.9])), {"scale": "vec", "width": "pos"},
+        ok={("scale", "2d"): "any array shape of scales is a documented input"}),
     Row(D.moment_log_ar, lambda: dict(images=imgs01(c=1)), {"images": "img", "eps": "nonneg"}, ok={("images", "rank"): "(n, H, W) is a documented input"}),
     Row(D.reference_value, lambda: dict(target=0.3), {"target": "frac"}),
     Row(D.read_attr_file, lambda: dict(path="x"), {"path": "path"}),
