@@ -360,7 +360,7 @@ def resolve_perceptual(perceptual, # a perceptual-loss module, a torch-hub folde
         perceptual = make_perceptual_loss(hub)
     if perceptual is None and profile == "paper":
         raise ValueError('`perceptual`: the paper profile trains the VAE with L1 + KL + a perceptual term (weight 1e-3, '
-                         "MONAI PerceptualLoss on SqueezeNet/LPIPS, attribution paper App. D), which needs local weights: "
+                         "MONAI PerceptualLoss on SqueezeNet/LPIPS, attribution paper App. C.4), which needs local weights: "
                          "pass perceptual=<torch-hub folder with checkpoints/squeezenet1_1-*.pth> (or make_perceptual_loss(...)), "
                          'or perceptual="off" to train without it (recorded in run.json)')
     if perceptual is not None and not callable(perceptual):
