@@ -31,7 +31,7 @@ def unet_eps(unet): return lambda x, t: unet(x, t).sample
 g_mean = lambda x: x.mean((1, 2, 3))
 
 def g_moments(x):
-    "Differentiable size and log aspect ratio from intensity-weighted second moments (REFERENCE.md), images in [-1,1]."
+    "Differentiable size and log aspect ratio from intensity-weighted second moments, images in [-1,1]."
     w = (x[:, 0] + 1)/2 + 1e-3; n, h, wd = w.shape
     yy, xx = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(wd, dtype=x.dtype), indexing="ij")
     m = w.sum((1, 2)); my, mx = (w*yy).sum((1, 2))/m, (w*xx).sum((1, 2))/m
