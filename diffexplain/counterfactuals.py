@@ -4,14 +4,14 @@
 
 # %% ../nbs/05_counterfactuals.ipynb #c380e40e
 from __future__ import annotations
-import json, time, warnings
+import time, warnings
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
-from .data import check_tensor, save_arrays, load_arrays, config_hash
+from .data import check_tensor, config_hash
 from .data import fingerprint, open_store, check_int, check_number, check_choice
 from .diffusion import eps_fn, ddim_encode, ddim_decode
 

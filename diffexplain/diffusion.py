@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_diffusion.ipynb #49ce1754
 from __future__ import annotations
-import copy, inspect, json, math, os, shutil, time, warnings
+import copy, json, math, os, shutil, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -16,8 +16,7 @@ from diffusers.training_utils import EMAModel
 from diffusers.optimization import get_scheduler
 from accelerate import Accelerator
 from .data import (seed_everything, get_device, cache_path, config_hash, atomic_write, check_tensor,
-                              save_arrays, load_arrays, make_ellipses, moment_log_ar,
-                              moment_area, code_version, check_int, check_number, from_shipped)
+                              make_ellipses, code_version, check_int, check_number, from_shipped)
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'UNET_PROFILES', 'PAPER_PARAMS', 'UNET3D_PROFILES', 'make_scheduler', 'linear_schedule', 'make_unet2d',
