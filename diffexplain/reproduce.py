@@ -10,7 +10,7 @@ import pandas as pd
 
 # %% auto #0
 __all__ = ['PROFILES', 'PAPER', 'ALLOW_DIRTY_ENV', 'RESULTS', 'check_profile', 'compare_with_paper', 'git_state',
-           'check_results_dir', 'run_record', 'save_figure']
+           'check_results_dir', 'run_record', 'save_figure', 'MissingData', 'missing_data']
 
 # %% ../nbs/07_reproduce.ipynb #f98ea44d
 PROFILES = ("smoke", "quick", "paper")
@@ -131,3 +131,26 @@ def save_figure(fig, # matplotlib Figure
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     p = out/f"{name}.png"; fig.savefig(p, dpi=dpi, bbox_inches="tight")
     return p
+
+# %% ../nbs/07_reproduce.ipynb #m16miss2
+class MissingData(FileNotFoundError):
+    "A reproduction stopped because the data it needs is not in `data_dir` (raised by `missing_data`)."
+
+def missing_data(error, # the study's `FileNotFoundError`; its text lists the expected files
+                 params: dict, # the notebook's parameters, recorded in `run.json` (with `allow_missing` added)
+                 out_dir: str|Path, # folder for `run.json`
+                 allow_missing: bool = False, # True: record the stop and return; False: raise `MissingData` (non-zero exit)
+                 seconds: float|None = None, # time spent before the stop
+                 **extra, # anything else for `run.json`
+                ) -> Path: # path of `run.json` (returned only when `allow_missing`)
+    "Stop a reproduction whose data is missing: print what is expected, write `run.json` (status \"missing data\"), raise unless `allow_missing`."
+    if not isinstance(allow_missing, bool):
+        raise TypeError(f"`allow_missing` must be a bool (True or False; papermill: `-p allow_missing True`), got {allow_missing!r} of type {type(allow_missing).__name__}")
+    print(f"STOPPED: missing data (nothing was computed).\n{error}")
+    p = run_record({**params, "allow_missing": allow_missing}, out_dir, status="missing data", message=str(error),
+                   seconds=seconds, **extra)
+    print(f"recorded in {p}")
+    if allow_missing: return p
+    raise MissingData(f"missing data: {error}\nThe stop is recorded in {p}. If you only want the stop recorded, "
+                      f"pass -p allow_missing True to record the stop and exit 0 (papermill; allow_missing=True in Python).") from error
+
