@@ -20,10 +20,11 @@ from .guided_sampling import constrained_sweep, feature_stats, acceptance_rates,
 
 # %% auto #0
 __all__ = ['TOY', 'quantile_bins', 'group_stats', 'global_score', 'local_scores', 'balanced_global_score', 'BootstrapScores',
-           'bootstrap_scores', 'null_floor', 'corrected_global_score', 'ScoreTest', 'score_test', 'interval_coverage',
-           'cace', 'linear_r2', 'plot_local_scores', 'plot_feature_logit', 'scores_from_sweep', 'sampler_feature',
-           'sampler_decision', 'study_targets', 'constraint_errors', 'attribution_study', 'plot_target_vs_result',
-           'sample_rows', 'plot_sample_rows', 'accepted_images', 'toy_decision', 'gaussian_toy_study']
+           'bootstrap_scores', 'BalancedBootstrapScores', 'bootstrap_balanced_score', 'null_floor',
+           'corrected_global_score', 'ScoreTest', 'score_test', 'interval_coverage', 'cace', 'linear_r2',
+           'plot_local_scores', 'plot_feature_logit', 'scores_from_sweep', 'sampler_feature', 'sampler_decision',
+           'study_targets', 'constraint_errors', 'attribution_study', 'plot_target_vs_result', 'sample_rows',
+           'plot_sample_rows', 'accepted_images', 'toy_decision', 'gaussian_toy_study']
 
 # %% ../nbs/04_scores.ipynb #53684886
 def _vec(x, # array or tensor, one value per sample
@@ -297,6 +298,117 @@ def bootstrap_scores(y, # (n,) model decisions (0/1), probabilities or logits; N
     return BootstrapScores(float(glob), local, float(np.nanvar(gs, ddof=ddof)), float(np.nanmean(var_local)),
                            float(np.nanvar(mean_local, ddof=ddof)), tuple(np.nanpercentile(gs, q)),
                            tuple(np.nanpercentile(mean_local, q)), level, gs, ls)
+
+# %% ../nbs/04_scores.ipynb #t4b00002
+@dataclass
+class BalancedBootstrapScores(BootstrapScores):
+    "`BootstrapScores` of the plain global and local scores, plus the class-balanced global score of the same resamples."
+    balanced_score: float # `balanced_global_score` on the original sample
+    var_balanced: float # bootstrap variance of the balanced score
+    ci_balanced: tuple # percentile CI of the balanced score
+    balanced_samples: np.ndarray # (B,) balanced score of each resample (NaN where undefined)
+    reading: dict # the balanced score's reading: weights (within each class) and var_y
+
+def _balanced_from_cells(N, # (..., K) counts of the (class, group) cells: a stack of resamples or one sample
+                         S, # (..., K) sums of y in each cell, centred on any common constant
+                         Q, # (..., K) sums of squares of the same centred y
+                         cell_cls, # (K,) class index (0..C-1) of each cell
+                         C: int, # number of classes
+                         weights: str = "frequency", # weight of a group within its class: "frequency" or "equal"
+                         var_y="balanced", # "balanced" | "pooled" | a positive number (kept fixed)
+                        ) -> tuple: # (balanced score (...), Var(Y) (...)); NaN where a class has no sample
+    "`balanced_global_score` from cell statistics, vectorised over resamples."
+    onehot = np.eye(C)[cell_cls]                              # (K, C): sums over the cells of each class by a matmul
+    with np.errstate(invalid="ignore", divide="ignore"):
+        present = N > 0
+        m = np.where(present, S / np.where(present, N, 1), 0.0)   # cell means (centred)
+        var = np.where(present, np.maximum(Q / np.where(present, N, 1) - m * m, 0.0), 0.0)
+        w = N.astype(np.float64) if weights == "frequency" else present.astype(np.float64)
+        wc = w / (w @ onehot)[..., cell_cls]                  # weights within each class, summing to 1
+        u = (wc * var) @ onehot                               # (..., C) E[Var(Y | V, C=c) | C=c]
+        mc = (wc * m) @ onehot                                # (..., C) E[Y | C=c]
+        if isinstance(var_y, str) and var_y == "pooled":      # every cell weighed as in the plain score
+            wp = w / w.sum(-1, keepdims=True); mp = (wp * m).sum(-1, keepdims=True)
+            vy = (wp * (var + (m - mp) ** 2)).sum(-1)
+        elif isinstance(var_y, str):                          # class-balanced: mean_c Var(Y|C=c) + spread of class means
+            vc = u + (wc * (m - mc[..., cell_cls]) ** 2) @ onehot
+            vy = vc.mean(-1) + ((mc - mc.mean(-1, keepdims=True)) ** 2).mean(-1)
+        else: vy = np.broadcast_to(np.float64(var_y), u.shape[:-1])
+        return 1 - u.mean(-1) / vy, vy
+
+def _group_sums(X, # (b, K) cell statistics of a stack of resamples
+                cell_grp, # (K,) group of each cell
+                G: int, # number of groups
+               ) -> np.ndarray: # (b, G) sums over the cells of each group
+    b = X.shape[0]
+    key = (cell_grp[None, :] + G * np.arange(b)[:, None]).ravel()
+    return np.bincount(key, X.ravel(), minlength=b * G).reshape(b, G)
+
+def _check_boot_args(n_boot, level, seed):
+    if not isinstance(n_boot, (int, np.integer)) or isinstance(n_boot, bool) or n_boot < 1:
+        raise ValueError(f"`n_boot` must be an integer >= 1 (number of bootstrap resamples), got {n_boot!r}")
+    if isinstance(level, (bool, str)) or not isinstance(level, (int, float, np.number)) or not 0 < level < 1:
+        raise ValueError(f"`level` must be a number in (0, 1), got {level!r}")
+    if not isinstance(seed, (int, np.integer, np.random.Generator)) or isinstance(seed, bool):
+        raise ValueError(f"`seed` must be an int or a numpy.random.Generator, got {type(seed).__name__} {seed!r}")
+
+def bootstrap_balanced_score(y, # (n,) model decisions (0/1), probabilities or logits; NumPy or torch
+                             v, # (n,) feature value or group id (target) of each sample
+                             cls, # (n,) true class of each sample (e.g. the diagnosis of its target: 0 = CN, 1 = AD)
+                             n_boot: int = 5000, # number of bootstrap resamples (paper: 5,000)
+                             weights: str = "frequency", # group weights within each class (balanced) and overall (plain): "frequency" or "equal"
+                             var_y: float|str|None = None, # balanced score's Var(Y): None/"balanced", "pooled" or a number (fixed)
+                             bins: int|None = None, # quantile-bin a continuous `v` into this many bins first
+                             stratified: bool = True, # resample within each (group, class) cell: targets and their classes fixed by design
+                             level: float = 0.95, # level of the percentile confidence intervals
+                             seed: int|np.random.Generator = 0, # seed or NumPy Generator, for reproducible resamples
+                             progress: bool = False, # show a tqdm bar over chunks of resamples
+                            ) -> BalancedBootstrapScores:
+    "Bootstrap variance and percentile CI of the class-balanced global score, with the plain global and local scores of the same resamples."
+    _check_boot_args(n_boot, level, seed)
+    y, v = _pair(y, v)
+    cls = _vec(cls, "cls", numeric=False)
+    if len(cls) != len(y): raise ValueError(f"`cls` must have one entry per sample ({len(y)}), got {len(cls)}")
+    if not isinstance(weights, str) or weights not in ("frequency", "equal"):
+        raise ValueError(f'`weights` must be "frequency" or "equal", got {weights!r}')
+    if isinstance(var_y, str):
+        if var_y not in ("balanced", "pooled"):
+            raise ValueError(f'`var_y` must be None, "balanced", "pooled" or a positive number, got {var_y!r}')
+    elif var_y is None: var_y = "balanced"
+    else: var_y = _check_var_y(var_y)
+    codes, v0 = _encode(v, bins); G = len(v0)
+    if G < 2: raise ValueError(f"`v` takes a single value ({v0[0]!r}): need at least two groups")
+    ccodes, classes = _encode(cls); C = len(classes)
+    if C < 2: raise ValueError(f"`cls` has a single class ({classes[0]!r}): the balanced score needs at least two")
+    cells, cell = np.unique(ccodes * G + codes, return_inverse=True)    # the non-empty (class, group) cells
+    cell_cls, cell_grp, K = cells // G, cells % G, len(cells)
+    N, S, Q, ybar = _suff(y, cell, K)
+    bal, vy = _balanced_from_cells(N, S, Q, cell_cls, C, weights, var_y)
+    if not vy > 1e-12 * max(1.0, ybar ** 2):
+        raise ValueError("`y` is constant (Var(Y) = 0): a constant classifier has no variance to explain")
+    plain_vy = var_y if not isinstance(var_y, str) else None            # a number stays fixed in all three scores
+    Ng, Sg, Qg = (_group_sums(a[None], cell_grp, G)[0] for a in (N, S, Q))
+    glob, loc, *_ = _scores(Ng, Sg, Qg, ybar, weights, plain_vy)
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    bs, gs, ls = [], [], []
+    for Nb, Sb, Qb in _boot_stats(y, cell, K, n_boot, stratified, rng, progress=progress):
+        bs.append(_balanced_from_cells(Nb, Sb, Qb, cell_cls, C, weights, var_y)[0])
+        g_b, l_b, *_ = _scores(*(_group_sums(a, cell_grp, G) for a in (Nb, Sb, Qb)), ybar, weights, plain_vy)
+        gs.append(g_b); ls.append(l_b)
+    bs, gs, ls = np.concatenate(bs), np.concatenate(gs), np.concatenate(ls)
+    q = [50 * (1 - level), 50 * (1 + level)]; ddof = 1 if n_boot > 1 else 0
+    with warnings.catch_warnings():               # all-NaN columns (a group empty in every resample) stay NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        var_local = np.nanvar(ls, axis=0, ddof=1) if n_boot > 1 else np.full(G, np.nan)
+        lo, hi = np.nanpercentile(ls, q, axis=0)
+        mean_local = np.nanmean(ls, axis=1)
+        return BalancedBootstrapScores(
+            global_score=float(glob), local=pd.DataFrame(dict(v0=v0, score=loc, n=Ng.astype(np.int64), var=var_local, lo=lo, hi=hi)),
+            var_global=float(np.nanvar(gs, ddof=ddof)), mean_var_local=float(np.nanmean(var_local)),
+            var_mean_local=float(np.nanvar(mean_local, ddof=ddof)), ci_global=tuple(np.nanpercentile(gs, q)),
+            ci_mean_local=tuple(np.nanpercentile(mean_local, q)), level=level, global_samples=gs, local_samples=ls,
+            balanced_score=float(bal), var_balanced=float(np.nanvar(bs, ddof=ddof)), ci_balanced=tuple(np.nanpercentile(bs, q)),
+            balanced_samples=bs, reading=dict(weights=weights, var_y=var_y))
 
 # %% ../nbs/04_scores.ipynb #h15a0002
 def _corrected(N, # (..., G) group counts

@@ -106,6 +106,9 @@ ROWS = [
         {"y": "vec", "v": "groups", "cls": "groups", "weights": "choice", "var_y": "pos", "bins": "int_pos"}),
     Row(S.bootstrap_scores, lambda: dict(y=y01(), v=grp(), n_boot=20),
         {"y": "vec", "v": "groups", "n_boot": "int_pos", "weights": "choice", "var_y": "pos", "level": "frac", "seed": "seed", "bins": "int_pos"}),
+    Row(S.bootstrap_balanced_score, lambda: dict(y=y01(), v=grp(), cls=np.arange(40) % 2, n_boot=20),
+        {"y": "vec", "v": "groups", "cls": "groups", "n_boot": "int_pos", "weights": "choice", "var_y": "pos", "level": "frac",
+         "seed": "seed", "bins": "int_pos"}),
     Row(S.null_floor, lambda: dict(n=np.array([10, 10, 10])), {"weights": "choice"}),
     Row(S.corrected_global_score, lambda: dict(y=y01(), v=grp()), {"y": "vec", "v": "groups", "weights": "choice", "var_y": "pos"}),
     Row(S.score_test, lambda: dict(y=y01(), v=grp(), n_perm=100, n_boot=100),
@@ -326,7 +329,7 @@ DRIVERS = {
 DRIVER_OK = {D.load_entry: "a missing entry is None: it must be computed", D.fingerprint: "needs an object; TypeError from Python's call",
              D.code_version: "raises ValueError", DF.make_perceptual_loss: "needs local weights"}
 EXEMPT = {   # public names that are not functions to attack, with the reason
-    "CorruptFileError": "an exception class", "Store": "made by open_store (covered)", "BootstrapScores": "a result dataclass",
+    "CorruptFileError": "an exception class", "Store": "made by open_store (covered)", "BootstrapScores": "a result dataclass", "BalancedBootstrapScores": "a result dataclass",
     "ScoreTest": "a result dataclass", "DiffAECodec": "a thin wrapper over DiffAE methods", "default_cache_dir": "takes no input", "shipped_dir": "takes no input",
     "l2_penalty": "any nn.Module is valid input",
 }
