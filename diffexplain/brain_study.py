@@ -27,12 +27,14 @@ from .scores import balanced_global_score, global_score, local_scores
 from .counterfactuals import diffusion_ce
 
 # %% auto #0
-__all__ = ['BRAIN_RHO', 'BRAIN_STUDY_PROFILES', 'LDM_UNETS', 'BRAIN_PROFILES', 'BRAIN_SPLIT', 'TARGET_UNITS',
-           'check_study_profile', 'make_ldm_unet', 'brain_table', 'brain_models', 'oasis3_help', 'brain_data',
-           'train_vae', 'LatentModel', 'load_or_train_vae', 'load_or_train_ldm', 'volume_feature', 'ad_logit',
-           'BrainStudy', 'resolve_perceptual', 'brain_study', 'balanced_targets', 'subject_targets', 'target_rois',
-           'volume_sweep', 'hippocampus_sweep', 'sweep_scores', 'phantom_true_scores', 'study_volume_sweep',
-           'study_hippocampus_sweep', 'volume_edit', 'brain_counterfactuals', 'central_slice', 'show_slices']
+__all__ = ['BRAIN_RHO', 'BRAIN_STUDY_PROFILES', 'LDM_UNETS', 'BRAIN_PROFILES', 'BRAIN_SPLIT', 'TARGET_UNITS', 'BRAIN_COVERAGE',
+           'COVERAGE_ROWS', 'COVERAGE_REFERENCES', 'check_study_profile', 'make_ldm_unet', 'brain_table',
+           'brain_models', 'oasis3_help', 'brain_data', 'train_vae', 'LatentModel', 'load_or_train_vae',
+           'load_or_train_ldm', 'volume_feature', 'ad_logit', 'BrainStudy', 'resolve_perceptual', 'brain_study',
+           'balanced_targets', 'subject_targets', 'target_rois', 'volume_sweep', 'hippocampus_sweep', 'sweep_scores',
+           'phantom_true_scores', 'study_volume_sweep', 'study_hippocampus_sweep', 'volume_edit',
+           'brain_counterfactuals', 'latent_plain_samples', 'vae_embedding', 'study_plain_samples', 'brain_coverage',
+           'central_slice', 'show_slices']
 
 # %% ../nbs/09_brain_study.ipynb #ff4938be
 BRAIN_RHO = {"hippocampal_volume": {0: 0.04, 401: 0.03}, "hippocampus": 0.4} # guidance step ρ_t, attribution paper App. D Table 9
@@ -658,6 +660,126 @@ def brain_counterfactuals(study: BrainStudy, # from `brain_study`
         vol = study.g(torch.cat([to_model_range(x), img_cf])).cpu().numpy()
     return dict(res, original=x.cpu(), x_cf_image=from_model_range(img_cf).cpu(), roi=roi, label=r["label"][roi],
                 mask=torch.from_numpy(r["mask_dilated"][roi]), volume_orig=vol[:len(roi)], volume_cf=vol[len(roi):])
+
+# %% ../nbs/09_brain_study.ipynb #t3cov02
+from .metrics import coverage, embed
+from .guided_sampling import plain_samples
+from .data import check_int, check_seed
+
+# %% ../nbs/09_brain_study.ipynb #t3cov03
+def _lm_of(model, name: str): # a BrainStudy or a LatentModel -> its LatentModel
+    if isinstance(model, BrainStudy): return model.lm
+    if isinstance(model, LatentModel): return model
+    raise TypeError(f"`{name}` must be a BrainStudy or a LatentModel, got {type(model).__name__}")
+
+def latent_plain_samples(study, # `BrainStudy` (defaults below from its profile) or a `LatentModel`
+                         n: int, # number of samples, >= 1
+                         image_shape: tuple|None = None, # (1, D, H, W) of one decoded volume; None: the study's ROIs
+                         seed: int|None = None, # per-sample seeds `sample_seeds(seed, 2**31 - 1, n)`; None: the study's (0 for a LatentModel)
+                         num_steps: int|None = None, # respaced steps; None: the study profile's sampler (all T for a LatentModel)
+                         batch: int = 16, # samples per batch
+                         progress: bool = False, # tqdm bar
+                        ) -> torch.Tensor: # (n, 1, D, H, W) float32 volumes in [0, 1], on the CPU
+    "Unguided latent DDPM samples (ρ = 0), decoded to [0, 1] volumes."
+    lm, st = _lm_of(study, "study"), study if isinstance(study, BrainStudy) else None
+    if image_shape is None:
+        if st is None: raise ValueError("`image_shape` must be given (1, D, H, W) when `study` is a LatentModel")
+        image_shape = tuple(st.data["rois"]["image"].shape[1:])
+    if not (isinstance(image_shape, (tuple, list)) and len(image_shape) == 4 and all(isinstance(s, (int, np.integer)) and s >= 1 for s in image_shape)):
+        raise ValueError(f"`image_shape` must be (C, D, H, W) with positive ints, got {image_shape!r}")
+    seed = (st.seed if st is not None else 0) if seed is None else seed
+    if num_steps is None and st is not None: num_steps = st.settings["sample"]["num_steps"]
+    check_int(n, "n", lo=1); check_int(batch, "batch", lo=1)
+    z = plain_samples(lm.eps, lm.scheduler, n, lm.latent_shape(tuple(image_shape)), num_steps=num_steps, seed=seed,
+                      batch_size=batch, device=lm.device, progress=progress)
+    with torch.no_grad():
+        return torch.cat([from_model_range(lm.decode(z[i:i + batch].to(lm.device))).float().cpu() for i in range(0, n, batch)])
+
+def vae_embedding(lm, # `LatentModel` (or a `BrainStudy`, for its model)
+                  volumes, # (n, 1, D, H, W) volumes in [0, 1], array or tensor
+                  batch: int = 32, # volumes per forward pass
+                 ) -> torch.Tensor: # (n, d) float32 posterior means of the VAE encoder, flattened, on the CPU
+    "The coverage embedding of the brain study: the VAE encoder's posterior means (attribution paper §4.3, 'our own VAE encoder')."
+    lm = _lm_of(lm, "lm")
+    x = volumes if torch.is_tensor(volumes) else torch.as_tensor(np.asarray(volumes))
+    check_tensor(x, "volumes", ndim=5, value_range=(0.0, 1.0)); check_int(batch, "batch", lo=1)
+    return embed(x.float(), lambda v: lm.encode(v)/lm.scale_factor, batch_size=batch, device=lm.device, progress=False)
+
+# %% ../nbs/09_brain_study.ipynb #t3cov06
+BRAIN_COVERAGE = { # targets and samples per target of the sweeps kept for coverage (n_targets None: every test ROI)
+    "smoke": dict(n_targets=BRAIN_STUDY_PROFILES["smoke"]["sample"]["n_targets"], n=BRAIN_STUDY_PROFILES["smoke"]["sample"]["n"]), # = Table 2's smoke sweeps (they keep volumes)
+    "quick": dict(n_targets=None, n=2),
+    "paper": dict(n_targets=None, n=2),
+}
+COVERAGE_ROWS = ("Plain DDPM", "Constrained hippo. vol.", "Constrained hippo.") # Table 3(b)'s rows
+COVERAGE_REFERENCES = ("Real ROIs, validation split (reference)", "Uniform noise (reference)")
+
+def study_plain_samples(study: BrainStudy, # from `brain_study`
+                        n: int, # number of samples
+                        progress: bool = False, # tqdm bar
+                       ) -> dict: # images (n, 1, D, H, W) in [0, 1], loaded, sample_s, path
+    "`latent_plain_samples` of a study with its sampler and seed, cached in its `cache_dir`."
+    check_int(n, "n", lo=1)
+    steps = study.settings["sample"]["num_steps"]
+    path = cache_path("brain-plain-samples", _study_key(study, kind="plain", n=int(n), steps=steps,
+                                                        code=code_version(latent_plain_samples)), study.cache_dir)/"samples.npz"
+    if path.exists(): return dict(images=torch.from_numpy(load_arrays(path)["images"]), loaded=True, sample_s=0.0, path=str(path))
+    t0 = time.time(); x = latent_plain_samples(study, n, progress=progress); dt = time.time() - t0
+    save_arrays(path, images=x)
+    return dict(images=x, loaded=False, sample_s=dt, path=str(path))
+
+def brain_coverage(study: BrainStudy, # from `brain_study`
+                   ks=(3, 1), # neighbourhood sizes (paper: 3 and 1), each < the number of test ROIs
+                   n_targets: int|None = -1, # targets of the kept-volume sweeps; -1: `BRAIN_COVERAGE[profile]`; None: every test ROI
+                   n: int|None = None, # samples per target; None: `BRAIN_COVERAGE[profile]`
+                   n_plain: int|None = None, # plain samples; None: the number of test ROIs
+                   n_generated: int|None = None, # size every generated set is cut to; None: min(test ROIs, smallest set)
+                   references: bool = True, # add the validation-ROI and uniform-noise rows
+                   seed: int|None = None, # subsampling and noise seed; None: the study's
+                   progress: bool = False, # tqdm bars
+                  ) -> dict: # table (rows × "k=3", "k=1", n, available), embeddings {name: (m, d)}, n_real, n_generated, sweeps info
+    "Attribution paper Table 3(b): coverage of the real test ROIs by plain and by constrained samples, in the VAE embedding."
+    if not isinstance(study, BrainStudy): raise TypeError(f"`study` must be a BrainStudy (from `brain_study`), got {type(study).__name__}")
+    ks = [ks] if isinstance(ks, (int, np.integer)) and not isinstance(ks, bool) else ks
+    if not (isinstance(ks, (list, tuple)) and ks and all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 1 for k in ks)):
+        raise ValueError(f"`ks` must be an int >= 1 or a non-empty sequence of them, got {ks!r}")
+    ks = [int(k) for k in ks]
+    te, va = study.data["split"]["test"], study.data["split"].get("val", np.zeros(0, np.int64))
+    N = len(te)
+    if max(ks) >= N: raise ValueError(f"`ks` must be smaller than the number of real test ROIs ({N}), got {ks}")
+    cfg = BRAIN_COVERAGE[study.profile]
+    n_targets = cfg["n_targets"] if n_targets == -1 else n_targets
+    n = cfg["n"] if n is None else check_int(n, "n", lo=1)
+    n_plain = N if n_plain is None else check_int(n_plain, "n_plain", lo=1)
+    seed = study.seed if seed is None else check_seed(seed)
+    vs = study_volume_sweep(study, n_targets, n, keep_images=True, progress=progress)
+    hs = study_hippocampus_sweep(study, n_targets, n, keep_images=True, progress=progress)
+    plain = study_plain_samples(study, n_plain, progress)
+    gen = {COVERAGE_ROWS[0]: plain["images"],
+           COVERAGE_ROWS[1]: from_model_range(torch.from_numpy(vs["images"][vs["accepted"]]).float()),
+           COVERAGE_ROWS[2]: from_model_range(torch.from_numpy(hs["images"]).float())}
+    sizes = {k: len(v) for k, v in gen.items()}
+    smallest = min([N] + [s for s in sizes.values() if s > 0])
+    M = smallest if n_generated is None else check_int(n_generated, "n_generated", lo=1, hi=smallest)
+    rng = np.random.default_rng(seed)
+    pick = lambda a, m: a[torch.as_tensor(np.sort(rng.choice(len(a), m, replace=False)))]
+    sets = dict(gen)
+    if references:
+        shape = tuple(study.data["rois"]["image"].shape[1:])
+        if len(va): sets[COVERAGE_REFERENCES[0]] = study.images(va)
+        sets[COVERAGE_REFERENCES[1]] = torch.rand(M, *shape, generator=torch.Generator().manual_seed(seed))
+    emb = {"Real test ROIs": vae_embedding(study.lm, study.images(te))}
+    rows = {}
+    for name, imgs in sets.items():
+        m = min(M, len(imgs))
+        if m == 0: rows[name] = {f"k={k}": float("nan") for k in ks} | {"n": 0, "available": 0}; continue
+        emb[name] = vae_embedding(study.lm, pick(imgs, m))
+        cov = coverage(emb["Real test ROIs"], emb[name], k=ks)
+        rows[name] = {f"k={k}": cov[k] for k in ks} | {"n": m, "available": len(imgs)}
+    table = pd.DataFrame.from_dict(rows, orient="index"); table.index.name = "Sampling method"
+    return dict(table=table, embeddings=emb, n_real=N, n_generated=M, ks=ks, n_targets=len(vs["roi"]), n_per_target=n,
+                acceptance=float(vs["accepted"].mean()), target_unit=vs["target_unit"], plain_loaded=plain["loaded"],
+                plain_sample_s=plain["sample_s"], paths=dict(volume=vs["path"], hippocampus=hs["path"], plain=plain["path"]))
 
 # %% ../nbs/09_brain_study.ipynb #3adf97e0
 def central_slice(vol, # (1, D, H, W) or (D, H, W) volume, array or tensor
