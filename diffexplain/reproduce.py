@@ -146,7 +146,7 @@ def missing_data(error, # the study's `FileNotFoundError`; its text lists the ex
     "Stop a reproduction whose data is missing: print what is expected, write `run.json` (status \"missing data\"), raise unless `allow_missing`."
     if not isinstance(allow_missing, bool):
         raise TypeError(f"`allow_missing` must be a bool (True or False; papermill: `-p allow_missing True`), got {allow_missing!r} of type {type(allow_missing).__name__}")
-    print(f"STOPPED: missing data (nothing was computed).\n{error}")
+    print(f"STOPPED: missing data.\n{error}")
     p = run_record({**params, "allow_missing": allow_missing}, out_dir, status="missing data", message=str(error),
                    seconds=seconds, **extra)
     print(f"recorded in {p}")
