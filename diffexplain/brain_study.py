@@ -737,7 +737,7 @@ def brain_coverage(study: BrainStudy, # from `brain_study`
                    references: bool = True, # add the validation-ROI and uniform-noise rows
                    seed: int|None = None, # subsampling and noise seed; None: the study's
                    progress: bool = False, # tqdm bars
-                  ) -> dict: # table (rows × "k=3", "k=1", n, available), embeddings {name: (m, d)}, n_real, n_generated, sweeps info
+                  ) -> dict: # table (rows × "k=3", "k=1" at n per set, n, the same on every available sample, available), embeddings {name: (n, d)}, n_real, n_generated, sweeps info
     "Attribution paper Table 3(b): coverage of the real test ROIs by plain and by constrained samples, in the VAE embedding."
     if not isinstance(study, BrainStudy): raise TypeError(f"`study` must be a BrainStudy (from `brain_study`), got {type(study).__name__}")
     ks = [ks] if isinstance(ks, (int, np.integer)) and not isinstance(ks, bool) else ks
@@ -762,7 +762,6 @@ def brain_coverage(study: BrainStudy, # from `brain_study`
     smallest = min([N] + [s for s in sizes.values() if s > 0])
     M = smallest if n_generated is None else check_int(n_generated, "n_generated", lo=1, hi=smallest)
     rng = np.random.default_rng(seed)
-    pick = lambda a, m: a[torch.as_tensor(np.sort(rng.choice(len(a), m, replace=False)))]
     sets = dict(gen)
     if references:
         shape = tuple(study.data["rois"]["image"].shape[1:])
@@ -772,10 +771,11 @@ def brain_coverage(study: BrainStudy, # from `brain_study`
     rows = {}
     for name, imgs in sets.items():
         m = min(M, len(imgs))
-        if m == 0: rows[name] = {f"k={k}": float("nan") for k in ks} | {"n": 0, "available": 0}; continue
-        emb[name] = vae_embedding(study.lm, pick(imgs, m))
-        cov = coverage(emb["Real test ROIs"], emb[name], k=ks)
-        rows[name] = {f"k={k}": cov[k] for k in ks} | {"n": m, "available": len(imgs)}
+        if m == 0: rows[name] = {f"k={k}": float("nan") for k in ks} | {"n": 0} | {f"k={k} (all)": float("nan") for k in ks} | {"available": 0}; continue
+        e_all = vae_embedding(study.lm, imgs)
+        emb[name] = e_all[torch.as_tensor(np.sort(rng.choice(len(imgs), m, replace=False)))]
+        cov, cov_all = coverage(emb["Real test ROIs"], emb[name], k=ks), coverage(emb["Real test ROIs"], e_all, k=ks)
+        rows[name] = {f"k={k}": cov[k] for k in ks} | {"n": m} | {f"k={k} (all)": cov_all[k] for k in ks} | {"available": len(imgs)}
     table = pd.DataFrame.from_dict(rows, orient="index"); table.index.name = "Sampling method"
     return dict(table=table, embeddings=emb, n_real=N, n_generated=M, ks=ks, n_targets=len(vs["roi"]), n_per_target=n,
                 acceptance=float(vs["accepted"].mean()), target_unit=vs["target_unit"], plain_loaded=plain["loaded"],
