@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_brain_study.ipynb #6d08c507
 from __future__ import annotations
-import json, time
+import json, math, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -12,7 +12,9 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm.auto import tqdm
+from diffusers import DDPMScheduler
 from .data import (get_device, cache_path, config_hash, atomic_write, check_tensor, load_brain_rois,
                               subject_split, save_arrays, load_arrays, code_version, make_brain_phantoms, class_weights,
                               BrainROIDataset, PHANTOM_LABEL_MODEL, phantom_ad_probability)
@@ -21,20 +23,21 @@ from .models import (save_checkpoint, load_checkpoint, resnet10t_3d, Rescaled, t
 from .diffusion import (make_scheduler, make_autoencoder3d, make_unet3d, vae_loss, to_model_range,
                                    from_model_range, model_config, data_fingerprint, train_diffusion, LatentTransform,
                                    latent_scale_factor, decode_latent, make_perceptual_loss)
-from .guided_sampling import (constrained_sample, constrained_sweep, downsample_mask, guided_edit,
+from .guided_sampling import (gaussian_eps, constrained_sample, constrained_sweep, downsample_mask, guided_edit,
                                          sample_seeds, target_file, load_sweep)
 from .scores import balanced_global_score, global_score, local_scores
 from .counterfactuals import diffusion_ce
 
 # %% auto #0
-__all__ = ['BRAIN_RHO', 'BRAIN_STUDY_PROFILES', 'LDM_UNETS', 'BRAIN_PROFILES', 'BRAIN_SPLIT', 'TARGET_UNITS', 'BRAIN_COVERAGE',
-           'COVERAGE_ROWS', 'COVERAGE_REFERENCES', 'check_study_profile', 'make_ldm_unet', 'brain_table',
-           'brain_models', 'oasis3_help', 'brain_data', 'train_vae', 'LatentModel', 'load_or_train_vae',
-           'load_or_train_ldm', 'volume_feature', 'ad_logit', 'BrainStudy', 'resolve_perceptual', 'brain_study',
-           'balanced_targets', 'subject_targets', 'target_rois', 'volume_sweep', 'hippocampus_sweep', 'sweep_scores',
-           'phantom_true_scores', 'study_volume_sweep', 'study_hippocampus_sweep', 'volume_edit',
-           'brain_counterfactuals', 'latent_plain_samples', 'vae_embedding', 'study_plain_samples', 'brain_coverage',
-           'central_slice', 'show_slices']
+__all__ = ['BRAIN_RHO', 'BRAIN_STUDY_PROFILES', 'LDM_UNETS', 'BRAIN_PROFILES', 'BRAIN_SPLIT', 'TARGET_UNITS', 'HIPPOCAMPUS_MODES',
+           'PHANTOM_HIPPOCAMPUS_MM3', 'PHANTOM_TOY', 'BRAIN_COVERAGE', 'COVERAGE_ROWS', 'COVERAGE_REFERENCES',
+           'check_study_profile', 'make_ldm_unet', 'brain_table', 'brain_models', 'oasis3_help', 'brain_data',
+           'train_vae', 'LatentModel', 'load_or_train_vae', 'load_or_train_ldm', 'volume_feature', 'ad_logit',
+           'BrainStudy', 'resolve_perceptual', 'brain_study', 'balanced_targets', 'subject_targets', 'target_rois',
+           'volume_sweep', 'hippocampus_sweep', 'sweep_scores', 'phantom_true_scores', 'simulate_label_sweep',
+           'sweep_bootstrap', 'label_sweep_variances', 'PhantomLatentModel', 'phantom_toy_study', 'study_volume_sweep',
+           'study_hippocampus_sweep', 'volume_edit', 'brain_counterfactuals', 'latent_plain_samples', 'vae_embedding',
+           'study_plain_samples', 'brain_coverage', 'central_slice', 'show_slices']
 
 # %% ../nbs/09_brain_study.ipynb #ff4938be
 BRAIN_RHO = {"hippocampal_volume": {0: 0.04, 401: 0.03}, "hippocampus": 0.4} # guidance step ρ_t, attribution paper App. D Table 9
@@ -44,20 +47,20 @@ BRAIN_STUDY_PROFILES = {
                            ckpt_every=10),
                   ldm=dict(unet="tiny", steps=30, batch_size=4, lr=3e-3, lr_schedule="cosine", lr_warmup=2,
                            ema_decay=0.999, ema_power=2/3, ckpt_every=15),
-                  sample=dict(num_steps=8, rho_volume=2.0, rho_hippocampus=2.0, n_targets=4, n=2, keep_images=True, target_unit="roi",
+                  sample=dict(num_steps=8, rho_volume=2.0, rho_hippocampus=2.0, hippocampus_mode="guide", n_targets=4, n=2, keep_images=True, target_unit="roi",
                               edit_steps=8, edit_rho=2.0, ce_steps=16, n_ce=4)),
     "quick": dict(vae=dict(channels=(32, 64), num_res_blocks=2, norm_num_groups=32, steps=5_000, batch_size=4, lr=1e-4,
                            ckpt_every=500),
                   ldm=dict(unet="small", steps=20_000, batch_size=8, lr=1e-4, lr_schedule="cosine", lr_warmup=500,
                            ema_decay=0.9999, ema_power=2/3, ckpt_every=1000),
-                  sample=dict(num_steps=50, rho_volume={0: 0.8, 401: 0.6}, rho_hippocampus=8.0, n_targets=40, n=20, target_unit="roi",
+                  sample=dict(num_steps=50, rho_volume={0: 0.8, 401: 0.6}, rho_hippocampus=8.0, hippocampus_mode="guide", n_targets=40, n=20, target_unit="roi",
                               keep_images=False, edit_steps=50, edit_rho=0.8, ce_steps=100, n_ce=20)),
     "paper": dict(vae=dict(channels=(32, 64), num_res_blocks=2, norm_num_groups=32, steps=50_000, batch_size=4, lr=1e-4,
                            ckpt_every=2000),
                   ldm=dict(unet="paper", steps=300_000, batch_size=8, lr=1e-5, lr_schedule="constant", lr_warmup=0,
                            ema_decay=0.9999, ema_power=None, ckpt_every=5000),
                   sample=dict(num_steps=1000, rho_volume=BRAIN_RHO["hippocampal_volume"],
-                              rho_hippocampus=BRAIN_RHO["hippocampus"], n_targets=None, n=200, keep_images=False, target_unit="roi",
+                              rho_hippocampus=BRAIN_RHO["hippocampus"], hippocampus_mode="guide", n_targets=None, n=200, keep_images=False, target_unit="subject",
                               edit_steps=100, edit_rho=0.3, ce_steps=1000, n_ce=None)),
 }
 LDM_UNETS = {"small": dict(channels=(32, 64, 64), attention_levels=(False, False, True), num_res_blocks=2,
@@ -461,19 +464,23 @@ def _sweep_done(path, h):
     try: return str(load_arrays(path)["config_hash"]) == h
     except Exception: return False
 
-def hippocampus_sweep(lm: LatentModel, # latent diffusion model
+HIPPOCAMPUS_MODES = ("replace", "guide", "both")
+
+def hippocampus_sweep(lm: LatentModel, # latent diffusion model (or anything with eps, scheduler, encode, decode, device)
                       y: Callable|None, # explained model on decoded volumes -> (n,) logits; None: NaN
                       images, # (m, 1, D, H, W) target ROIs in [0, 1]
                       masks, # (m, 1, D, H, W) bool dilated hippocampus masks (kept region)
                       n: int, # samples per target
                       out_dir: str|Path, # per-target files
-                      rho=BRAIN_RHO["hippocampus"], # ρ of the decoded-region DPS term; 0: latent replacement only
+                      rho=BRAIN_RHO["hippocampus"], # ρ of the decoded-region DPS term ("guide", "both")
                       num_steps: int|None = None, # respaced sampling steps; None: all T
                       seed: int = 0, # sweep seed
                       keep_images: bool = False, # also keep the decoded volumes
                       targets_per_batch: int = 4, # targets sampled together
                       progress: bool = True, # tqdm bar
-                     ) -> dict: # target (= target index), v (error in mask), v_out, y, accepted (all), group, seed (+ images in [-1, 1])
+                      mode: str = "both", # "replace": RePaint-style replacement of the latent cells under the mask; "guide": DPS towards the decoded masked voxels only; "both"
+                      pool: str = "any", # how the mask reaches the latent grid for replacement: "any" (a cell touching the mask is kept) or "all"
+                     ) -> dict: # target (= target index), v (error in mask), v_out, y, accepted (all), group, seed, kept_latent (share of latent cells replaced) (+ images in [-1, 1])
     "Samples that keep each target's hippocampus and generate the rest (inpainting through the latent)."
     x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images).float()
     M = torch.as_tensor(np.asarray(masks) if not torch.is_tensor(masks) else masks).float()
@@ -481,11 +488,16 @@ def hippocampus_sweep(lm: LatentModel, # latent diffusion model
     if M.shape != x.shape: raise ValueError(f"`masks` must have the shape of `images` {tuple(x.shape)}, got {tuple(M.shape)}")
     if (M.flatten(1).sum(1) == 0).any(): raise ValueError("`masks` has an empty mask: every target needs a hippocampus region")
     if not (isinstance(n, (int, np.integer)) and n >= 1): raise ValueError(f"`n` must be an int >= 1, got {n!r}")
+    if mode not in HIPPOCAMPUS_MODES: raise ValueError(f"`mode` must be one of {HIPPOCAMPUS_MODES}, got {mode!r}")
+    if mode == "guide" and not rho: raise ValueError('`rho` must be > 0 with mode="guide" (nothing would keep the region)')
     m, dev = len(x), lm.device
     z = lm.encode(x); zs = z.shape[1:]
-    Mz = downsample_mask(M, tuple(zs[1:]), mode="any")
-    cfg = dict(kind="hippocampus", n=int(n), rho=rho, steps=num_steps, seed=int(seed), images=keep_images,
-               images_fp=data_fingerprint(x), masks_fp=data_fingerprint(M))
+    Mz = downsample_mask(M, tuple(zs[1:]), mode=pool)
+    if mode != "guide" and (Mz.flatten(1).sum(1) == 0).any():
+        raise ValueError(f'pool="{pool}" leaves no latent cell to replace for some target: use pool="any" or mode="guide"')
+    replace, guide = mode in ("replace", "both"), mode in ("guide", "both") and bool(rho)
+    cfg = dict(kind="hippocampus", n=int(n), rho=rho if guide else 0, steps=num_steps, seed=int(seed), images=keep_images,
+               images_fp=data_fingerprint(x), masks_fp=data_fingerprint(M), **({} if mode == "both" and pool == "any" else dict(mode=mode, pool=pool)))
     h = config_hash(cfg)
     chunks = [list(range(i, min(i + targets_per_batch, m))) for i in range(0, m, targets_per_batch)]
     for chunk in tqdm(chunks, disable=not progress, desc="hippocampus sweep"):
@@ -493,25 +505,28 @@ def hippocampus_sweep(lm: LatentModel, # latent diffusion model
         seeds = np.concatenate([sample_seeds(seed, j, n) for j in chunk])
         gens = [torch.Generator(dev).manual_seed(int(s)) for s in seeds]
         rep = torch.as_tensor(np.repeat(chunk, n))
-        known, mask = z[rep].to(dev), Mz[rep].to(dev)
         Mi, xi = M[rep].to(dev), to_model_range(x[rep]).to(dev)
-        kw = dict(g=_masked(Mi), c0=(xi*Mi).flatten(1), rho=rho) if rho else {}
-        zs_ = constrained_sample(lm.eps, lm.scheduler, (len(seeds), *zs), known=known, mask=mask, decode=lm.decode,
-                                 generator=gens, num_steps=num_steps, **kw)
+        kw = dict(g=_masked(Mi), c0=(xi*Mi).flatten(1), rho=rho) if guide else {}
+        if replace: kw.update(known=z[rep].to(dev), mask=Mz[rep].to(dev))
+        zs_ = constrained_sample(lm.eps, lm.scheduler, (len(seeds), *zs), decode=lm.decode, generator=gens,
+                                 num_steps=num_steps, **kw)
         with torch.no_grad():
             img = lm.decode(zs_)
             d = (from_model_range(img) - x[rep].to(dev)).abs()
             v = ((d*Mi).flatten(1).sum(1)/Mi.flatten(1).sum(1)).cpu().numpy()
             v_out = ((d*(1 - Mi)).flatten(1).sum(1)/(1 - Mi).flatten(1).sum(1)).cpu().numpy()
             yy = y(img).float().reshape(-1).cpu().numpy() if y is not None else np.full(len(seeds), np.nan, np.float32)
+        kept = (Mz[rep].flatten(1).mean(1) if replace else torch.zeros(len(seeds))).numpy()
         for i, j in enumerate(chunk):
             s = slice(i*n, (i + 1)*n)
             extra = dict(images=img[s].float().cpu().numpy()) if keep_images else {}
             save_arrays(target_file(out_dir, j), target=np.full(n, j, np.float32), v=v[s], v_out=v_out[s], y=yy[s],
                         accepted=np.ones(n, bool), group=np.full(n, j, np.int64), seed=seeds[s], sweep_seed=np.int64(seed),
-                        config_hash=np.array(h), **extra)
+                        kept_latent=kept[s], config_hash=np.array(h), **extra)
     out = load_sweep(out_dir, m, images=keep_images)
-    out["v_out"] = np.concatenate([load_arrays(target_file(out_dir, j))["v_out"] for j in range(m)])
+    parts = [load_arrays(target_file(out_dir, j)) for j in range(m)]
+    out["v_out"] = np.concatenate([p["v_out"] for p in parts])
+    out["kept_latent"] = np.concatenate([p["kept_latent"] if "kept_latent" in p else np.full(n, np.nan) for p in parts])
     return out
 
 # %% ../nbs/09_brain_study.ipynb #6797a112
@@ -571,6 +586,229 @@ def phantom_true_scores(n_targets: int = 200_000, # Monte Carlo targets drawn fr
                          "bayes": [_balanced_moments(c, d, 0*d), _balanced_moments(c, qbar*one, qbar*(1 - qbar)*one)]},
                         index=pd.Index(["volume", "ventricle"], name="factor"))
 
+# %% ../nbs/09_brain_study.ipynb #t4s00002
+from .data import check_int, check_number, check_seed
+from .scores import bootstrap_balanced_score
+
+# %% ../nbs/09_brain_study.ipynb #t4s00003
+PHANTOM_HIPPOCAMPUS_MM3 = 4/3*np.pi*3.5*11*4 # ellipsoid volume (mm³) of a phantom hippocampus at size factor 1 (`make_brain_phantoms`: radii 3.5, 11, 4 voxels × scale)
+
+def simulate_label_sweep(n_subjects: int, # test subjects; each has two ROIs (left, mirrored right) of one hippocampus size
+                         n: int, # samples per target
+                         unit: str = "roi", # target unit: "roi" (every ROI) or "subject" (one ROI per subject), as `target_rois`
+                         seed: int = 0, # seed of the subjects (sizes, diagnoses) and of the choice of targets
+                         sample_seed: int|None = None, # seed of the samples' decisions; None: derived from `seed`
+                         cn_fraction: float|None = None, # share of CN subjects fixed by design (paper: 0.775); None: as the label model draws them
+                         n_targets: int|None = None, # targets balanced over the classes (`target_rois`); None: every candidate
+                         center: float = PHANTOM_LABEL_MODEL["center"], # label model (see `phantom_ad_probability`)
+                         width: float = PHANTOM_LABEL_MODEL["width"],
+                        ) -> dict: # y (±1 logits), group, target (mm³), accepted; per target cls, p, scale, roi, subject; target_unit
+    "A hippocampal-volume sweep simulated from the phantom label model: an ideal generator whose decision at a target is Bernoulli(P(AD | size))."
+    check_int(n_subjects, "n_subjects", lo=2); check_int(n, "n", lo=1); check_seed(seed)
+    if unit not in TARGET_UNITS: raise ValueError(f"`unit` must be one of {TARGET_UNITS}, got {unit!r}")
+    if sample_seed is not None: check_seed(sample_seed)
+    lm = PHANTOM_LABEL_MODEL; rng = np.random.default_rng(seed)
+    if cn_fraction is None:
+        scale = rng.uniform(*lm["scale"], n_subjects); ad = rng.random(n_subjects) < phantom_ad_probability(scale, center, width)
+    else:
+        check_number(cn_fraction, "cn_fraction", 0, 1, lo_open=True, hi_open=True)
+        n_cn = int(round(cn_fraction*n_subjects))
+        if not 0 < n_cn < n_subjects: raise ValueError(f"`cn_fraction` {cn_fraction} leaves a class empty among {n_subjects} subjects")
+        got = {False: [], True: []}                          # subjects drawn from the label model until both classes are full
+        while len(got[False]) < n_cn or len(got[True]) < n_subjects - n_cn:
+            s = rng.uniform(*lm["scale"], 4*n_subjects); a = rng.random(s.size) < phantom_ad_probability(s, center, width)
+            got[False] += list(s[~a]); got[True] += list(s[a])
+        scale = np.r_[got[False][:n_cn], got[True][:n_subjects - n_cn]]; ad = np.r_[np.zeros(n_cn, bool), np.ones(n_subjects - n_cn, bool)]
+    subject, label = np.repeat(np.arange(n_subjects), 2), np.repeat(ad.astype(np.int64), 2)   # two ROIs per subject, one size
+    roi = target_rois(subject, label, n_targets, unit, seed)
+    s_t = scale[subject[roi]]; p = phantom_ad_probability(s_t, center, width); m = len(roi)
+    r2 = np.random.default_rng([seed, 1] if sample_seed is None else sample_seed)
+    y = np.where(r2.random((m, n)) < p[:, None], 1.0, -1.0).ravel()                       # decision AD ↔ logit > 0
+    return dict(y=y, group=np.repeat(np.arange(m), n), target=np.repeat(PHANTOM_HIPPOCAMPUS_MM3*s_t**3, n),
+                accepted=np.ones(m*n, bool), cls=label[roi], p=p, scale=s_t, roi=roi, subject=subject[roi], target_unit=unit)
+
+def sweep_bootstrap(sweep: dict, # volume or hippocampus sweep (as `sweep_scores` takes it)
+                    cls, # (m,) diagnosis of each target (indexed by group id)
+                    n_boot: int = 5000, # bootstrap resamples (paper: 5,000)
+                    weights: str = "equal", # target weights, as in `sweep_scores`
+                    var_y: str = "balanced", # the balanced score's denominator, as in `sweep_scores`
+                    seed: int = 0, # resampling seed
+                   ) -> dict: # bootstrap (BalancedBootstrapScores; local scores per target), y_kind, used, n, n_groups
+    "Table 4(b): bootstrap of one sweep's balanced, plain global and local scores, resampling within targets, on `sweep_scores`' samples and decisions."
+    y, grp = np.asarray(sweep["y"], np.float64), np.asarray(sweep["group"], np.int64)
+    if np.isnan(y).any(): raise ValueError("`sweep['y']` has NaN: the sweep was run without the classifier")
+    cls = np.asarray(cls); acc = np.asarray(sweep.get("accepted", np.ones(len(y), bool)), bool)
+    if grp.max() >= len(cls): raise ValueError(f"`cls` must give the class of every target (group ids up to {grp.max()}), got {len(cls)}")
+    c = cls[grp]
+    enough = all(len(np.unique(grp[acc & (c == k)])) >= 2 for k in np.unique(cls)) and len(np.unique(c[acc])) == len(np.unique(cls))
+    used = "accepted" if enough else "all"; sel = acc if enough else np.ones(len(y), bool)   # as `sweep_scores`
+    d = (y[sel] > 0).astype(np.float64)
+    y_kind = "decision" if d.min() != d.max() else "probability"
+    yy = d if y_kind == "decision" else 1/(1 + np.exp(-y[sel]))
+    b = bootstrap_balanced_score(yy, grp[sel], c[sel], n_boot=n_boot, weights=weights, var_y=var_y, seed=seed)
+    return dict(bootstrap=b, y_kind=y_kind, used=used, n=int(sel.sum()), n_groups=int(len(np.unique(grp[sel]))))
+
+def label_sweep_variances(p, # (m,) P(Y = 1) at each target (the label model's `p` of a simulated sweep)
+                          cls, # (m,) class of each target (two classes)
+                          n: int, # samples per target
+                          reps: int = 20_000, # simulated sweeps (fresh decisions at the same targets)
+                          seed: int = 0, # simulation seed
+                         ) -> dict: # var_balanced, var_global, mean_var_local: true sampling variances at fixed targets
+    "True sampling variances of the balanced, plain global and local scores (equal target weights) of Bernoulli sweeps, by Monte Carlo."
+    p, cls = np.asarray(p, np.float64), np.asarray(cls)
+    if p.ndim != 1 or len(p) != len(cls) or len(p) < 2: raise ValueError(f"`p` and `cls` must be 1-D of one common length >= 2, got {p.shape} and {cls.shape}")
+    if ((p < 0) | (p > 1)).any() or np.isnan(p).any(): raise ValueError("`p` must hold probabilities in [0, 1]")
+    ks = np.unique(cls)
+    if len(ks) != 2: raise ValueError(f"`cls` must hold two classes, got {ks.tolist()}")
+    check_int(n, "n", lo=1); check_int(reps, "reps", lo=10); check_seed(seed)
+    m = np.random.default_rng(seed).binomial(n, p, size=(reps, len(p))) / n; within = m*(1 - m)   # plug-in group means and variances
+    u = np.stack([within[:, cls == k].mean(1) for k in ks], 1); mc = np.stack([m[:, cls == k].mean(1) for k in ks], 1)
+    vb = (u + np.stack([m[:, cls == k].var(1) for k in ks], 1)).mean(1) + mc.var(1)                # class-balanced Var(Y)
+    vy = within.mean(1) + m.var(1)                                                                  # plain Var(Y), equal weights
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bal, glob, loc = 1 - u.mean(1)/vb, 1 - within.mean(1)/vy, 1 - within/vy[:, None]
+    return dict(var_balanced=float(np.nanvar(bal, ddof=1)), var_global=float(np.nanvar(glob, ddof=1)),
+                mean_var_local=float(np.nanmean(np.nanvar(loc, axis=0, ddof=1))))
+
+# %% ../nbs/09_brain_study.ipynb #7c1e0a02
+_OCTANTS = [(a, b, c) for c in (0, 1) for b in (0, 1) for a in (0, 1)]   # latent cell (d, h, w) of each octant
+
+def _phi(z): return 0.5*(1 + torch.erf(z/math.sqrt(2)))
+
+def _interp(x, xp, fp):
+    "Piecewise-linear interpolation of increasing `xp` (torch, no gradient needed)."
+    i = torch.searchsorted(xp, x.clamp(xp[0], xp[-1]).contiguous()).clamp(1, len(xp) - 1)
+    return fp[i - 1] + (fp[i] - fp[i - 1])*(x - xp[i - 1])/(xp[i] - xp[i - 1]).clamp_min(1e-12)
+
+class PhantomLatentModel:
+    "An exact latent diffusion model of a three-factor brain phantom: latents z ~ N(0, I) of shape (2, 2, 2, 2), a differentiable renderer as decoder, an exact encoder."
+    slab = 2            # voxels of the η patch at the low-d face of the hippocampus octant
+    def __init__(self, size: int = 16, # edge of the cubic volume (even, >= 12); each latent cell renders one octant
+                 sharpness: float = 6.0, # slope of the soft blob edges
+                 scheduler=None, # diffusers scheduler of the latent DDPM; default `make_scheduler(clip_sample=False)`
+                ):
+        if not (isinstance(size, (int, np.integer)) and size >= 12 and size % 2 == 0): raise ValueError(f"`size` must be an even int >= 12, got {size!r}")
+        self.size, self.h, self.k = int(size), int(size)//2, float(sharpness)
+        self.scheduler = scheduler if scheduler is not None else make_scheduler(clip_sample=False)
+        self.eps = gaussian_eps(self.scheduler, 0.0, 1.0)                      # exact ε-model of N(0, I) latents
+        lm = PHANTOM_LABEL_MODEL; self.s_range, self.r_range = lm["scale"], lm["ventricle"]
+        ax = torch.arange(self.h, dtype=torch.float32)
+        self._grid = torch.meshgrid(ax, ax, ax, indexing="ij")
+        zg = torch.linspace(-6, 6, 4001); self._zg = zg
+        with torch.no_grad():
+            self._vg = self._hippo(self._factor(zg, self.s_range))[:, self.slab:].flatten(1).sum(1)   # volume(z_s), increasing
+            self._rg = self._ventricle(self._factor(zg, self.r_range)).flatten(1).sum(1)
+    @property
+    def device(self): return torch.device("cpu")
+    def latent_shape(self, image_shape: tuple) -> tuple: return (2, 2, 2, 2)
+    def to(self, device): return self
+    def _factor(self, z, rng): return rng[0] + (rng[1] - rng[0])*_phi(z)       # N(0, 1) -> Uniform(rng)
+    def _blob(self, centre, radii):
+        X, Y, Z = self._grid; r = [torch.as_tensor(a).reshape(-1, 1, 1, 1) for a in radii]
+        q = ((X - centre[0])/r[0])**2 + ((Y - centre[1])/r[1])**2 + ((Z - centre[2])/r[2])**2
+        return torch.sigmoid(self.k*(1 - q))                                    # (n, h, h, h) soft occupancy
+    def _hippo(self, s):
+        c = ((self.h - 1 + self.slab)/2, (self.h - 1)/2, (self.h - 1)/2)
+        return self._blob(c, (1.0*s, 1.8*s, 1.0*s))
+    def _ventricle(self, r):
+        c = ((self.h - 1)/2,)*3
+        return self._blob(c, (2.0*r, 1.0*r, 1.0*r))
+    def factors(self, z) -> dict: # (n, 2, 2, 2, 2) latents -> scale, eta, ventricle (n,) each
+        z = torch.as_tensor(z).float()
+        return dict(scale=self._factor(z[:, 0, 0, 0, 0], self.s_range),
+                    eta=torch.logit(_phi(z[:, 1, 0, 0, 0]).clamp(1e-7, 1 - 1e-7)),   # Logistic(0, 1)
+                    ventricle=self._factor(z[:, 0, 1, 0, 0], self.r_range))
+    def decode(self, z): # (n, 2, 2, 2, 2) latents -> (n, 1, size, size, size) volumes in [-1, 1], differentiable
+        f, n, h = self.factors(z), len(z), self.h
+        A = 0.2 + 0.6*self._hippo(f["scale"])
+        A = torch.cat([(0.5 + 0.45*torch.tanh(f["eta"]/6)).reshape(n, 1, 1, 1).expand(n, self.slab, h, h), A[:, self.slab:]], 1)
+        parts = {(0, 0, 0): A, (1, 0, 0): 0.8 - 0.6*self._ventricle(f["ventricle"])}
+        for cell in _OCTANTS:
+            if cell not in parts: parts[cell] = (0.5 + 0.1*torch.tanh(z[:, 0, cell[0], cell[1], cell[2]])).reshape(n, 1, 1, 1).expand(n, h, h, h)
+        x = torch.cat([torch.cat([torch.cat([parts[(a, b, c)] for a in (0, 1)], 1) for b in (0, 1)], 2) for c in (0, 1)], 3)
+        return to_model_range(x.unsqueeze(1))
+    def _octant(self, x, cell): # (n, 1, S, S, S) -> (n, h, h, h)
+        h = self.h; a, b, c = cell
+        return x[:, 0, a*h:(a + 1)*h, b*h:(b + 1)*h, c*h:(c + 1)*h]
+    def volume(self, x): # (n, 1, S, S, S) in [-1, 1] -> (n,) hippocampal volume in voxels, differentiable
+        return ((self._octant(from_model_range(x, clamp=False), (0, 0, 0))[:, self.slab:] - 0.2)/0.6).flatten(1).sum(1)
+    def ventricle_volume(self, x): # (n, 1, S, S, S) in [-1, 1] -> (n,) ventricle volume in voxels, differentiable
+        return ((0.8 - self._octant(from_model_range(x, clamp=False), (1, 0, 0)))/0.6).flatten(1).sum(1)
+    def _eta(self, x01):
+        m = self._octant(x01, (0, 0, 0))[:, :self.slab].flatten(1).mean(1)
+        return 6*torch.atanh(((m - 0.5)/0.45).clamp(-1 + 1e-6, 1 - 1e-6))
+    def logit(self, x): # (n, 1, S, S, S) in [-1, 1] -> (n,) AD logit: (center − scale)/width + η, so P(AD | scale) = `phantom_ad_probability`
+        with torch.no_grad():
+            s = _interp(self.volume(x), self._vg, self._factor(self._zg, self.s_range))
+            lm = PHANTOM_LABEL_MODEL
+            return (lm["center"] - s)/lm["width"] + self._eta(from_model_range(x, clamp=False))
+    @torch.no_grad()
+    def encode(self, x01): # (n, 1, S, S, S) in [0, 1] -> (n, 2, 2, 2, 2) latents (exact up to interpolation; the 7 unrendered dims are 0)
+        x01 = torch.as_tensor(x01).float(); x = to_model_range(x01); n = len(x)
+        z = torch.zeros(n, 2, 2, 2, 2)
+        z[:, 0, 0, 0, 0] = _interp(self.volume(x), self._vg, self._zg)
+        z[:, 1, 0, 0, 0] = torch.special.ndtri(torch.sigmoid(self._eta(x01)).clamp(1e-7, 1 - 1e-7))
+        z[:, 0, 1, 0, 0] = _interp(self.ventricle_volume(x), self._rg, self._zg)
+        for cell in _OCTANTS[2:]:
+            m = self._octant(x01, cell).flatten(1).mean(1)
+            z[:, 0, cell[0], cell[1], cell[2]] = torch.atanh(((m - 0.5)/0.1).clamp(-1 + 1e-6, 1 - 1e-6))   # texture
+        return z
+    def hippocampus_mask(self, x01, dilate: int = 2): # (n, 1, S, S, S) in [0, 1] -> bool mask of the blob (occupancy > 0.1) dilated by `dilate` voxels
+        x01 = torch.as_tensor(x01).float(); M = torch.zeros_like(x01, dtype=torch.bool); h, s = self.h, self.slab
+        M[:, 0, s:h, :h, :h] = (self._octant(x01, (0, 0, 0))[:, s:] - 0.2)/0.6 > 0.1
+        if dilate: M = F.max_pool3d(M.float(), 2*dilate + 1, 1, dilate) > 0
+        return M
+
+# %% ../nbs/09_brain_study.ipynb #7c1e0a04
+PHANTOM_TOY = dict(n_targets=40, n=20, num_steps=25, rho=0.3, rho_hippocampus=0.3, variance="fixed_large")   # the toy's defaults
+
+def phantom_toy_study(out_dir: str|Path, # folder of the toy's sweeps (resumable; reruns reuse finished targets)
+                      n_targets: int = PHANTOM_TOY["n_targets"], # targets drawn from the phantom generator (the toy's test data)
+                      n: int = PHANTOM_TOY["n"], # samples per target
+                      num_steps: int = PHANTOM_TOY["num_steps"], # respaced sampling steps
+                      rho: float = PHANTOM_TOY["rho"], # DPS step of the volume constraints
+                      rho_hippocampus: float = PHANTOM_TOY["rho_hippocampus"], # DPS step of the region constraint ("guide", "both")
+                      modes=HIPPOCAMPUS_MODES, # hippocampus keep modes to run
+                      variance: str = PHANTOM_TOY["variance"], # DDPM reverse variance: "fixed_large" (β_t, exact for the toy's N(0, I) latents) or "fixed_small" (β̃_t, the brain models' scheduler)
+                      seed: int = 0, # targets and sampling
+                      n_data: int = 4000, # generator draws that give σ_V and the targets
+                      progress: bool = False,
+                     ) -> pd.DataFrame: # one row per constraint: truth (for these targets), truth_population, estimate, diff, acceptance, constraint error, kept-region errors
+    "Run the brain pipeline's sweeps and `sweep_scores` on `PhantomLatentModel`, whose class-balanced scores are known."
+    for k, v in dict(n_targets=n_targets, n=n, num_steps=num_steps, n_data=n_data).items():
+        if not (isinstance(v, (int, np.integer)) and v >= (4 if k == "n_targets" else 2)): raise ValueError(f"`{k}` must be an int >= {4 if k == 'n_targets' else 2}, got {v!r}")
+    if variance not in ("fixed_large", "fixed_small"): raise ValueError(f'`variance` must be "fixed_large" or "fixed_small", got {variance!r}')
+    toy, out_dir = PhantomLatentModel(scheduler=DDPMScheduler.from_config(make_scheduler(clip_sample=False).config, variance_type=variance)), Path(out_dir)
+    g = torch.Generator().manual_seed(int(seed))
+    z = torch.randn(n_data, 2, 2, 2, 2, generator=g)
+    with torch.no_grad(): x = toy.decode(z)
+    f = toy.factors(z); vol, ven = toy.volume(x).numpy(), toy.ventricle_volume(x).numpy()
+    c = (toy.logit(x) > 0).numpy().astype(np.int64)          # the target's diagnosis: the model's decision on it
+    tg = balanced_targets(c, n_targets, seed)
+    p = phantom_ad_probability(f["scale"].numpy()[tg])       # P(AD | the target's hippocampus): η stays free
+    pbar = float(phantom_ad_probability(f["scale"].numpy()).mean())
+    truth = {"volume": _balanced_moments(c[tg], p, p*(1 - p)), "other": 0.0}
+    pop = phantom_true_scores(seed=seed).label
+    rows = []
+    for name, feat, v_data, key in (("hippocampal volume", toy.volume, vol, "volume"), ("ventricle volume", toy.ventricle_volume, ven, "ventricle")):
+        sw = volume_sweep(toy, feat, toy.logit, v_data[tg], n, (1, toy.size, toy.size, toy.size), out_dir/key, v_data,
+                          rho=rho, num_steps=num_steps, seed=seed, targets_per_batch=len(tg), progress=progress)
+        sc = sweep_scores(sw, c[tg]); acc = sw["accepted"]
+        rows.append(dict(constraint=name, truth=truth["volume" if key == "volume" else "other"], truth_population=float(pop[key]),
+                         estimate=sc["balanced"], acceptance=sc["acceptance"],
+                         error=float(np.abs(sw["v"] - sw["target"])[acc].mean()/np.std(v_data, ddof=1)), y_kind=sc["y_kind"]))
+    x01 = from_model_range(x[torch.as_tensor(tg)]); M = toy.hippocampus_mask(x01)
+    for mode in modes:
+        sw = hippocampus_sweep(toy, toy.logit, x01, M, n, out_dir/f"hippocampus-{mode}", rho=rho_hippocampus,
+                               num_steps=num_steps, seed=seed, targets_per_batch=len(tg), progress=progress, mode=mode)
+        sc = sweep_scores(sw, c[tg])
+        rows.append(dict(constraint=f"hippocampus ({mode})", truth=truth["volume"], truth_population=float(pop["volume"]),
+                         estimate=sc["balanced"], acceptance=sc["acceptance"], error_in=float(sw["v"].mean()),
+                         error_out=float(sw["v_out"].mean()), kept_latent=float(sw["kept_latent"].mean()), y_kind=sc["y_kind"]))
+    out = pd.DataFrame(rows).set_index("constraint")
+    out.insert(3, "diff", out.estimate - out.truth)
+    return out
+
 # %% ../nbs/09_brain_study.ipynb #eba4d281
 def _study_key(study, **kw):
     return dict(vae=study.info["vae"]["path"], ldm=study.info["ldm"]["path"], clf=study.models["classifier"]["path"],
@@ -608,14 +846,16 @@ def study_hippocampus_sweep(study: BrainStudy, # from `brain_study`
                             keep_images: bool|None = None, # None: the profile's
                             progress: bool = True,
                             target_unit: str|None = None, # "roi" or "subject" (one ROI per test subject); None: the profile's
-                           ) -> dict: # sweep arrays + cls, roi, target_unit
-    "The hippocampus (inpainting) sweep of a study (cached in its `cache_dir`)."
+                           ) -> dict: # sweep arrays + cls, roi, target_unit, mode
+    "The hippocampus sweep of a study, kept the profile's way (`hippocampus_mode`; cached in its `cache_dir`)."
     s, r, roi, n, keep, unit = _sweep_setup(study, n_targets, n, keep_images, target_unit)
-    key = _study_key(study, kind="hippocampus", unit=unit, roi=roi.tolist(), n=n, rho=s["rho_hippocampus"], steps=s["num_steps"], images=keep)
+    mode = s.get("hippocampus_mode", "both")
+    key = _study_key(study, kind="hippocampus", unit=unit, roi=roi.tolist(), n=n, rho=s["rho_hippocampus"], steps=s["num_steps"], images=keep,
+                     **({} if mode == "both" else dict(mode=mode)))
     out_dir = cache_path("brain-hippocampus-sweep", key, study.cache_dir)
     sw = hippocampus_sweep(study.lm, study.y, r["image"][roi], r["mask_dilated"][roi], n, out_dir, rho=s["rho_hippocampus"],
-                           num_steps=s["num_steps"], seed=study.seed, keep_images=keep, progress=progress)
-    return dict(sw, cls=r["label"][roi], roi=roi, target_unit=unit, path=str(out_dir))
+                           num_steps=s["num_steps"], seed=study.seed, keep_images=keep, progress=progress, mode=mode)
+    return dict(sw, cls=r["label"][roi], roi=roi, target_unit=unit, mode=mode, path=str(out_dir))
 
 def volume_edit(study: BrainStudy, # from `brain_study`
                 roi: int, # ROI index (into `study.data['rois']`)
