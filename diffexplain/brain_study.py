@@ -560,12 +560,13 @@ def sweep_scores(sweep: dict, # volume or hippocampus sweep with `y` (logits), `
                 n=int(sel.sum()), n_groups=int(len(np.unique(grp[sel]))))
 
 # %% ../nbs/09_brain_study.ipynb #f3c8a1e6
-def _balanced_moments(c, mean, var):
-    "Class-balanced score (equal target weights, class-balanced Var(Y)) from exact per-target means and variances."
+def _balanced_moments(c, mean, var, var_y="balanced"):
+    "Class-balanced score (equal target weights; class-balanced or pooled Var(Y)) from exact per-target means and variances."
     u, m, v = [], [], []
     for k in np.unique(c):
         s = c == k; u.append(var[s].mean()); m.append(mean[s].mean()); v.append(u[-1] + ((mean[s] - m[-1])**2).mean())
-    m = np.array(m); den = float(np.mean(v) + ((m - m.mean())**2).mean())
+    m = np.array(m)
+    den = float(np.mean(v) + ((m - m.mean())**2).mean()) if var_y == "balanced" else float((var + (mean - mean.mean())**2).mean())
     return 1 - float(np.mean(u))/den
 
 def phantom_true_scores(n_targets: int = 200_000, # Monte Carlo targets drawn from the phantom generator
@@ -770,11 +771,17 @@ def phantom_toy_study(out_dir: str|Path, # folder of the toy's sweeps (resumable
                       rho_hippocampus: float = PHANTOM_TOY["rho_hippocampus"], # DPS step of the region constraint ("guide", "both")
                       modes=HIPPOCAMPUS_MODES, # hippocampus keep modes to run
                       variance: str = PHANTOM_TOY["variance"], # DDPM reverse variance: "fixed_large" (β_t, exact for the toy's N(0, I) latents) or "fixed_small" (β̃_t, the brain models' scheduler)
+                      balanced: bool = True, # targets balanced over the classes (the quick profile's); False: a plain draw (the paper profile's every test ROI: mostly CN)
                       seed: int = 0, # targets and sampling
                       n_data: int = 4000, # generator draws that give σ_V and the targets
                       progress: bool = False,
-                     ) -> pd.DataFrame: # one row per constraint: truth (for these targets), truth_population, estimate, diff, acceptance, constraint error, kept-region errors
+                     ) -> pd.DataFrame: # one row per constraint: truth (for these targets), truth_population, estimate, diff, acceptance, constraint error, kept-region errors, other readings
+
     "Run the brain pipeline's sweeps and `sweep_scores` on `PhantomLatentModel`, whose class-balanced scores are known."
+    def readings(sc, key):   # the three other readings of `sweep_scores` and the truth under a pooled Var(Y)
+        r = sc["readings"].set_index(["weights", "var_y"]).balanced
+        return dict(pooled=float(r["equal", "pooled"]), truth_pooled=truth_pooled[key], frequency=float(r["frequency", "balanced"]),
+                    frequency_pooled=float(r["frequency", "pooled"]))
     for k, v in dict(n_targets=n_targets, n=n, num_steps=num_steps, n_data=n_data).items():
         if not (isinstance(v, (int, np.integer)) and v >= (4 if k == "n_targets" else 2)): raise ValueError(f"`{k}` must be an int >= {4 if k == 'n_targets' else 2}, got {v!r}")
     if variance not in ("fixed_large", "fixed_small"): raise ValueError(f'`variance` must be "fixed_large" or "fixed_small", got {variance!r}')
@@ -784,10 +791,12 @@ def phantom_toy_study(out_dir: str|Path, # folder of the toy's sweeps (resumable
     with torch.no_grad(): x = toy.decode(z)
     f = toy.factors(z); vol, ven = toy.volume(x).numpy(), toy.ventricle_volume(x).numpy()
     c = (toy.logit(x) > 0).numpy().astype(np.int64)          # the target's diagnosis: the model's decision on it
-    tg = balanced_targets(c, n_targets, seed)
+    if not isinstance(balanced, bool): raise TypeError(f"`balanced` must be a bool, got {type(balanced).__name__}")
+    tg = balanced_targets(c, n_targets, seed) if balanced else np.arange(n_targets)   # z is a random draw already
     p = phantom_ad_probability(f["scale"].numpy()[tg])       # P(AD | the target's hippocampus): η stays free
     pbar = float(phantom_ad_probability(f["scale"].numpy()).mean())
     truth = {"volume": _balanced_moments(c[tg], p, p*(1 - p)), "other": 0.0}
+    truth_pooled = {"volume": _balanced_moments(c[tg], p, p*(1 - p), "pooled"), "other": 0.0}
     pop = phantom_true_scores(seed=seed).label
     rows = []
     for name, feat, v_data, key in (("hippocampal volume", toy.volume, vol, "volume"), ("ventricle volume", toy.ventricle_volume, ven, "ventricle")):
@@ -796,7 +805,8 @@ def phantom_toy_study(out_dir: str|Path, # folder of the toy's sweeps (resumable
         sc = sweep_scores(sw, c[tg]); acc = sw["accepted"]
         rows.append(dict(constraint=name, truth=truth["volume" if key == "volume" else "other"], truth_population=float(pop[key]),
                          estimate=sc["balanced"], acceptance=sc["acceptance"],
-                         error=float(np.abs(sw["v"] - sw["target"])[acc].mean()/np.std(v_data, ddof=1)), y_kind=sc["y_kind"]))
+                         error=float(np.abs(sw["v"] - sw["target"])[acc].mean()/np.std(v_data, ddof=1)), y_kind=sc["y_kind"],
+                         **readings(sc, "volume" if key == "volume" else "other")))
     x01 = from_model_range(x[torch.as_tensor(tg)]); M = toy.hippocampus_mask(x01)
     for mode in modes:
         sw = hippocampus_sweep(toy, toy.logit, x01, M, n, out_dir/f"hippocampus-{mode}", rho=rho_hippocampus,
@@ -804,7 +814,8 @@ def phantom_toy_study(out_dir: str|Path, # folder of the toy's sweeps (resumable
         sc = sweep_scores(sw, c[tg])
         rows.append(dict(constraint=f"hippocampus ({mode})", truth=truth["volume"], truth_population=float(pop["volume"]),
                          estimate=sc["balanced"], acceptance=sc["acceptance"], error_in=float(sw["v"].mean()),
-                         error_out=float(sw["v_out"].mean()), kept_latent=float(sw["kept_latent"].mean()), y_kind=sc["y_kind"]))
+                         error_out=float(sw["v_out"].mean()), kept_latent=float(sw["kept_latent"].mean()), y_kind=sc["y_kind"],
+                         **readings(sc, "volume")))
     out = pd.DataFrame(rows).set_index("constraint")
     out.insert(3, "diff", out.estimate - out.truth)
     return out
