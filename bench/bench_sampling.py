@@ -12,15 +12,24 @@
     convergence chain at fixed total drift ρ·steps and cheaper settings. The reference is picked by convergence
     (`converged_reference`), the cheaper setting by the two-sided criterion of `few_step_matches` (score shown equal
     within ±0.1, constraint errors by g and by an independent measure, acceptance and clean share not worse), and the
-    gain is the reference's cost over the validated setting's, in ε-evaluations and in measured seconds. On the trained
-    ellipse models this needs the GPU campaign (`tools/gpu_campaign.py`): the chain alone is hours on two CPU cores.
+    gain is the reference's cost over the validated setting's, in ε-evaluations and in measured seconds. The reverse-step
+    variance is an axis: the reference is always the package's `fixed_small` (σ_t² = β̃_t) chain, and the cheaper
+    candidates are tried with `fixed_small` and with `fixed_large` (σ_t² = β_t, Ho et al. 2020 §3.2: the optimal choice
+    for N(0, I) data; with few respaced steps β̃_t shrinks the injected noise and contracts the samples, which the
+    script measures too: unguided sample std / data std by steps and variance). On the trained ellipse models this needs
+    the GPU campaign (`tools/gpu_campaign.py`): the chain alone is hours on two CPU cores.
+
+(c) Optional (`--ellipse-cache DIR`): unguided samples of the trained quick ellipse DDPM with each variance (loaded from
+    DIR, never trained), `ellipse_quality` and per-image intensity std against the data.
 
     python bench/bench_sampling.py                       # both parts on CPU (paper-size 9.4 M ellipse U-Net for (a)); ~minutes
     python bench/bench_sampling.py --smoke               # tiny sizes, seconds (the tests run this)
     python bench/bench_sampling.py --model quick-ellipse --cache-dir cache   # (a) on the trained quick ellipse DDPM + regressor
     python bench/bench_sampling.py --device cuda --n 64 --targets 8          # on a GPU: adds bf16 + torch.compile to (a)
+    python bench/bench_sampling.py --keep-a --ellipse-cache cache            # rerun (b) and (c), keep (a) with its own commit
 
-Writes bench/results/bench_sampling.{md,json} (or --out), with the command and the torch thread count.
+Writes bench/results/bench_sampling.{md,json} and the studies' rows bench_sampling.csv (or --out), with the command and the
+torch thread count.
 """
 import argparse, datetime, json, subprocess, sys, time
 from pathlib import Path
@@ -90,8 +99,32 @@ def engineering(a, device):
 TOY = dict(std=0.5, size=8, top_rows=4, n_targets=6, n=256, drift=10.0, chain=(50, 100, 200, 400),
            steps=(5, 10, 25, 50), n_boot=1000,
            rhos={5: [1.0], 10: [0.0, 0.5, {0: 0.1, 100: 1.0}], 25: [0.4, {0: 0.1, 100: 0.8}, {0: 0.2, 200: 0.8}],
-                 50: [0.3, {0: 0.1, 100: 0.4}]})   # constant ρ and two-piece ρ (large early, Table 9's 0.1 late), as chapter 03 tries
-SMOKE_TOY = dict(TOY, n_targets=3, n=32, chain=(20, 40), drift=4.0, steps=(5, 10), rhos={5: [0.8], 10: [0.0, 0.4]}, n_boot=200)
+                 50: [0.3, {0: 0.1, 100: 0.4}]},   # constant ρ and two-piece ρ (large early, Table 9's 0.1 late), as chapter 03 tries
+           # the same candidates sampled with σ_t² = β_t ("fixed_large", Ho et al. 2020 §3.2: optimal for N(0, I) data), plus
+           # ρ·steps = drift at 25 steps (0.4 above) and 50 steps (0.2) and a stronger 10-step ρ; the reference stays fixed_small
+           rhos_large={5: [1.0], 10: [0.0, 0.5, 1.0, {0: 0.1, 100: 1.0}], 25: [0.2, 0.4, {0: 0.1, 100: 0.8}, {0: 0.2, 200: 0.8}],
+                       50: [0.2, 0.3, {0: 0.1, 100: 0.4}]},
+           contraction=dict(steps=(5, 10, 25, 50, 100, 1000), n=2048, stds=(1.0, 0.5)))
+SMOKE_TOY = dict(TOY, n_targets=3, n=32, chain=(20, 40), drift=4.0, steps=(5, 10), rhos={5: [0.8], 10: [0.0, 0.4]},
+                 rhos_large={5: [0.8], 10: [0.4]}, n_boot=200, contraction=dict(steps=(5, 40), n=64, stds=(1.0,)))
+VARIANCES = ("fixed_small", "fixed_large")   # diffusers DDPMScheduler variance_type: β̃_t (the package's) and β_t
+
+def with_variance(sched, variance):
+    "The same noise schedule with another reverse-step variance (diffusers `variance_type`)."
+    return type(sched).from_config(sched.config, variance_type=variance)
+
+def contraction(C, seed):
+    """Std of unguided samples of the exact ε-model of N(0, s² I) data (1×8×8 images, all pixels pooled) by steps and
+    reverse variance: a contracting sampler gives std/s < 1 at few steps. The ε-model is exact, so any gap is the sampler's."""
+    make_scheduler, gaussian_eps, constrained_sample = lib("make_scheduler"), lib("gaussian_eps"), lib("constrained_sample")
+    rows = []
+    for s in C["stds"]:
+        for var in VARIANCES:
+            sched = with_variance(make_scheduler(clip_sample=False), var); eps = gaussian_eps(sched, 0.0, s)
+            for k in C["steps"]:
+                x = constrained_sample(eps, sched, (C["n"], 1, 8, 8), generator=torch.Generator().manual_seed(seed), num_steps=k)
+                rows.append(dict(data_std=s, variance=var, steps=k, sample_std=float(x.std()), ratio=float(x.std())/s))
+    return rows
 
 def toy_score(s, n_boot):
     "The library's global score of the accepted samples (equal weight per target) with its bootstrap interval."
@@ -101,43 +134,103 @@ def toy_score(s, n_boot):
     return dict(score=r["global_score"], score_lo=lo, score_hi=hi)
 
 def algorithmic(T, seed):
+    """Two studies on the same toy, targets and noise streams: the fixed_small one holds the convergence chain (the reference)
+    and the cheaper candidates; the fixed_large one the same candidates (and its own chain, as a check that it converges to
+    the same score). Every candidate of both is checked two-sidedly against the one fixed_small reference."""
+    import pandas as pd
     make_scheduler, gaussian_eps = lib("make_scheduler"), lib("gaussian_eps")
     sampling_study, convergence_chain = lib("sampling_study"), lib("convergence_chain")
     converged_reference, few_step_matches, validated_sampler = lib("converged_reference"), lib("few_step_matches"), lib("validated_sampler")
-    sched = make_scheduler(clip_sample=False); eps = gaussian_eps(sched, 0.0, T["std"]); s = T["size"]
+    s = T["size"]
     sigma_v = T["std"]/s   # V = mean of s² iid N(0, std²) pixels
     targets = (np.linspace(-1.5, 1.5, T["n_targets"])*sigma_v).astype(np.float32)
-    grid = {k: list(v) for k, v in T["rhos"].items()}
-    for k, (r,) in convergence_chain(T["drift"], T["chain"]).items(): grid.setdefault(k, []).append(r)
     top = T["top_rows"]
     clf = lambda x: (x[..., :top, :].mean((1, 2, 3)) > 0).float()                  # Y: depends on V only partly
     median = lambda x: x.flatten(1).median(1).values                               # an independent measure of the constraint
     clean = lambda x: (x.flatten(1).std(1) - T["std"]).abs() < 0.5*T["std"]          # "looks like the data": pixel spread near s
-    t0 = time.perf_counter()
-    study = sampling_study(eps, sched, image_mean, targets, T["n"], (1, s, s), sigma_v, steps=sorted(grid, reverse=True), rhos=grid,
-                           seed=seed, classifier=clf, score_fn=lambda sw: toy_score(sw, T["n_boot"]), measures=dict(median=median),
-                           quality=clean)
-    wall = time.perf_counter() - t0
+    studies, walls = {}, {}
+    for var, rhos in (("fixed_small", T["rhos"]), ("fixed_large", T["rhos_large"])):
+        sched = with_variance(make_scheduler(clip_sample=False), var); eps = gaussian_eps(sched, 0.0, T["std"])
+        grid = {k: list(v) for k, v in rhos.items()}
+        for k, (r,) in convergence_chain(T["drift"], T["chain"]).items(): grid.setdefault(k, []).append(r)
+        t0 = time.perf_counter()
+        studies[var] = sampling_study(eps, sched, image_mean, targets, T["n"], (1, s, s), sigma_v, steps=sorted(grid, reverse=True),
+                                      rhos=grid, seed=seed, classifier=clf, score_fn=lambda sw: toy_score(sw, T["n_boot"]),
+                                      measures=dict(median=median), quality=clean).assign(variance=var)
+        walls[var] = time.perf_counter() - t0
+    study = studies["fixed_small"]
     ref, chain = converged_reference(study, T["drift"], chain_steps=T["chain"])
     val = validated_sampler(study, T["drift"], dict(chain_steps=T["chain"]))
-    res = dict(toy={k: (v if not isinstance(v, dict) else {str(kk): [lib("_rho_label")(r) for r in vv] for kk, vv in v.items()}) for k, v in T.items()},
-               seed=seed, study_wall_s=wall, samples_per_setting=int(len(targets)*T["n"]),
-               chain=chain[["steps", "rho", "err", "accept", "score", "score_lo", "score_hi", "still_moving", "narrow"]].to_dict("records"),
-               reference=None, validated=None)
+    _, chain_large = converged_reference(studies["fixed_large"], T["drift"], chain_steps=T["chain"])
+    cc = ["steps", "rho", "err", "accept", "score", "score_lo", "score_hi", "still_moving", "narrow"]
+    res = dict(toy={k: (v if not isinstance(v, dict) else {str(kk): ([lib("_rho_label")(r) for r in vv] if isinstance(vv, list) else vv)
+                                                           for kk, vv in v.items()}) for k, v in T.items()},
+               seed=seed, study_wall_s=walls["fixed_small"], study_wall_s_large=walls["fixed_large"], samples_per_setting=int(len(targets)*T["n"]),
+               chain=chain[cc].to_dict("records"), chain_large=chain_large[cc].to_dict("records"),
+               reference=None, validated=None, validated_by_variance={v: None for v in VARIANCES})
     if ref is not None:
-        r = study.loc[ref]
-        res["reference"] = dict(steps=int(r["steps"]), rho=r["rho_pieces"], seconds=float(r["seconds"]), score=float(r["score"]),
+        r = study.loc[ref]; rs, rl = int(r["steps"]), r["rho_pieces"]
+        res["reference"] = dict(steps=rs, rho=rl, variance="fixed_small", seconds=float(r["seconds"]), score=float(r["score"]),
                                 err=float(r["err"]), accept=float(r["accept"]))
-        m = few_step_matches(study, int(r["steps"]), r["rho_pieces"])
-        res["matches"] = m[["steps", "rho_pieces", "err", "err_median", "accept", "clean", "score", "d_lo", "d_hi", "seconds", "ok"]].to_dict("records")
-    if val is not None:
-        v = study[(study["steps"] == val["num_steps"]) & (study["rho_pieces"] == lib("_rho_label")(val["rho"]))].iloc[0]
-        res["validated"] = dict(steps=int(v["steps"]), rho=v["rho_pieces"], seconds=float(v["seconds"]), score=float(v["score"]),
-                                err=float(v["err"]), accept=float(v["accept"]))
-        rr = res["reference"]
-        res["gain_eps_evals"] = rr["steps"]/res["validated"]["steps"]
-        res["gain_seconds"] = rr["seconds"]/res["validated"]["seconds"]
-    return res, study
+        ms = []
+        for var, st in studies.items():   # the reference row + this variance's cheaper rows: one reference, two candidate sets
+            cand = st[st["steps"] < rs] if var != "fixed_small" else st
+            ms.append(few_step_matches(pd.concat([study.loc[[ref]], cand]) if var != "fixed_small" else cand, rs, rl).assign(variance=var))
+        m = pd.concat(ms, ignore_index=True).sort_values(["steps", "err"]).reset_index(drop=True)
+        res["matches"] = m[["variance", "steps", "rho_pieces", "err", "err_median", "accept", "clean", "score", "d_lo", "d_hi", "seconds",
+                            "score_ok", "err_ok", "accept_ok", "clean_ok", "ok"]].to_dict("records")
+        for var in VARIANCES:
+            ok = m[(m["variance"] == var) & m["ok"]]
+            if len(ok): res["validated_by_variance"][var] = dict(steps=int(ok["steps"].iloc[0]), rho=ok["rho_pieces"].iloc[0])
+        ok = m[m["ok"]]
+        if len(ok):   # the cheapest passing setting over both variances (fewest steps, then lowest error)
+            v = ok.iloc[0]
+            res["validated"] = dict(steps=int(v["steps"]), rho=v["rho_pieces"], variance=v["variance"], seconds=float(v["seconds"]),
+                                    score=float(v["score"]), err=float(v["err"]), accept=float(v["accept"]))
+            res["gain_eps_evals"] = rs/res["validated"]["steps"]
+            res["gain_seconds"] = res["reference"]["seconds"]/res["validated"]["seconds"]
+        fs = res["validated_by_variance"]["fixed_small"]
+        assert (fs is None) == (val is None) and (val is None or fs["steps"] == val["num_steps"]), "the library's verdict and the bench's disagree"
+    res["contraction"] = contraction(T["contraction"], seed)
+    return res, pd.concat(studies.values(), ignore_index=True)
+
+# ---------------------------------------------------------------- (c) reverse variance on the trained ellipse DDPM
+def load_cached_quick_ddpm(cache_dir, seed=0):
+    "The quick ellipse DDPM from `cache_dir`, or FileNotFoundError: never trains (the cache lookup is guarded)."
+    import diffexplain.diffusion as dd
+    steps, orig = lib("DDPM_PROFILES")["quick"]["steps"], dd.cache_path
+    def guarded(name, config, cache_dir=None):
+        r = orig(name, config, cache_dir)
+        if name == "ellipse-ddpm-quick" and not (r/f"ema-step{steps}"/"config.json").exists():
+            raise FileNotFoundError(f"no trained quick ellipse DDPM at {r}/ema-step{steps} (this benchmark does not train it)")
+        return r
+    dd.cache_path = guarded
+    try: return lib("ellipse_ddpm")("quick", cache_dir=cache_dir, seed=seed, progress=False)
+    finally: dd.cache_path = orig
+
+def ellipse_variance(cache_dir, n, steps, seed):
+    """Unguided samples of the quick ellipse DDPM with each reverse variance (same per-sample noise streams, the model's
+    own scheduler otherwise, clip_sample included): `ellipse_quality` and the per-image intensity std against the data."""
+    d = load_cached_quick_ddpm(cache_dir, seed)
+    real = lib("make_ellipses")(lib("DDPM_PROFILES")["quick"]["n"], seed=seed, cache_dir=cache_dir)["images"][:2000]
+    real_std = np.asarray(real, np.float32).reshape(len(real), -1).std(1)
+    eps, rows = lib("eps_fn")(d["unet"].eval().requires_grad_(False)), []
+    for k in steps:
+        for var in VARIANCES:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                x = lib("plain_samples")(eps, with_variance(d["scheduler"], var), n, (1, 32, 32), num_steps=k, seed=seed, progress=False)
+            dt = time.perf_counter() - t0
+            x01 = lib("from_model_range")(x.float()).numpy()
+            q = lib("ellipse_quality")(x01, real)
+            sd = x01.reshape(n, -1).std(1)
+            rows.append(dict(variance=var, steps=k, n=n, seconds=dt, img_std_mean=float(sd.mean()), img_std_sd=float(sd.std()),
+                             **{kk: q[kk] for kk in ("frac_single_ellipse", "frac_empty", "ks_log_ar", "ks_size", "size_mean", "size_mean_real")}))
+    return dict(rows=rows, real_img_std_mean=float(real_std.mean()), real_img_std_sd=float(real_std.std()), model=str(d["path"]),
+                note=f"Quick ellipse DDPM loaded from the cache ({Path(d['path']).parent.name}, never trained here); {n} unguided samples per row "
+                     f"from the same per-sample noise streams (`plain_samples`, seed {seed}); the model's scheduler (clip_sample="
+                     f"{d['scheduler'].config.clip_sample}) with variance_type switched; per-image std of the [0, 1] intensities vs the first "
+                     "2,000 training images; clean = `ellipse_quality`'s share of single ellipses.")
 
 # ---------------------------------------------------------------- report
 def _sha():
@@ -152,7 +245,11 @@ def markdown(R):
          f"Regenerate: `{R['command']}` (commit {R['commit']}, {R['date']}, device {R['device']}, torch threads {R['threads']}).", ""]
     if "engineering" in R:
         A = R["engineering"]
-        L += ["## (a) Engineering gain at the same steps and ρ", "",
+        L += ["## (a) Engineering gain at the same steps and ρ", ""]
+        if A.get("kept_from"):
+            k = A["kept_from"]
+            L += [f"Not rerun: kept from `{k['command']}` (commit {k['commit']}, {k['date']}, device {k['device']}, torch threads {k['threads']}).", ""]
+        L += [
               f"Model: {A['model']} U-Net ({A['params_M']:.2f} M params, {A['size']}×{A['size']}), {A['targets']} targets × {A['n_per_target']} samples = "
               f"{A['samples']}, {A['steps']} steps, ρ = {A['rho']}, per-sample noise streams; {A['gflop_per_sample_step']:.3g} GFLOP per guided "
               "sample-step (FlopCounterMode).", "", "| mode | seconds | samples/s | GFLOP/s | gain vs loop | max |x − x_loop| |", "|---|---|---|---|---|---|"]
@@ -164,17 +261,47 @@ def markdown(R):
         B = R["algorithmic"]
         L += ["## (b) Algorithmic gain at equal accuracy (exact Gaussian ε-model)", "",
               f"{B['samples_per_setting']} samples per setting; chain at ρ·steps = {B['toy']['drift']} over {B['toy']['chain']} steps; "
-              f"cheaper settings {B['toy']['rhos']}; study {B['study_wall_s']:.1f} s.", "",
+              f"cheaper settings {B['toy']['rhos']} with the package's reverse variance (fixed_small, σ_t² = β̃_t) and "
+              f"{B['toy']['rhos_large']} with fixed_large (σ_t² = β_t); studies {B['study_wall_s']:.1f} s + {B['study_wall_s_large']:.1f} s.", "",
+              "Convergence chain, fixed_small (picks the reference):", "",
               "| steps | ρ | err | accept | score [95% CI] | still moving | narrow |", "|---|---|---|---|---|---|---|"]
-        for c in B["chain"]:
-            L.append(f"| {c['steps']} | {c['rho']:g} | {c['err']:.4f} | {c['accept']:.3f} | {c['score']:.3f} [{c['score_lo']:.3f}, {c['score_hi']:.3f}] | "
-                     f"{c['still_moving']} | {c['narrow']} |")
+        row = lambda c: (f"| {c['steps']} | {c['rho']:g} | {c['err']:.4f} | {c['accept']:.3f} | {c['score']:.3f} [{c['score_lo']:.3f}, "
+                         f"{c['score_hi']:.3f}] | {c['still_moving']} | {c['narrow']} |")
+        L += [row(c) for c in B["chain"]]
+        if B.get("chain_large"):
+            L += ["", "The same chain with fixed_large (a check only: the reference is the fixed_small one):", "",
+                  "| steps | ρ | err | accept | score [95% CI] | still moving | narrow |", "|---|---|---|---|---|---|---|"]
+            L += [row(c) for c in B["chain_large"]]
         if B.get("matches"):
-            L += ["", f"Against the converged reference ({B['reference']['steps']} steps, ρ {B['reference']['rho']}):", "",
-                  "| steps | ρ | err | err (median) | accept | clean | score | Δscore 90% CI | seconds | ok |", "|---|---|---|---|---|---|---|---|---|---|"]
+            L += ["", f"Against the converged reference ({B['reference']['steps']} steps, ρ {B['reference']['rho']}, fixed_small; score "
+                      f"{B['reference']['score']:.3f}); ok = score shown equal within ±0.1 (90% CI of Δ inside) and error, acceptance, clean "
+                      "share not worse by more than their margins:", "",
+                  "| variance | steps | ρ | err | err (median) | accept | clean | score | Δscore 90% CI | seconds | failed on | ok |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for m in B["matches"]:
-                L.append(f"| {m['steps']} | {m['rho_pieces']} | {m['err']:.4f} | {m['err_median']:.4f} | {m['accept']:.3f} | {m['clean']:.3f} | {m['score']:.3f} | "
-                         f"[{m['d_lo']:.3f}, {m['d_hi']:.3f}] | {m['seconds']:.2f} | {m['ok']} |")
+                why = ", ".join(k[:-3] for k in ("score_ok", "err_ok", "accept_ok", "clean_ok") if k in m and not m[k]) or "–"
+                L.append(f"| {m.get('variance', 'fixed_small')} | {m['steps']} | {m['rho_pieces']} | {m['err']:.4f} | {m['err_median']:.4f} | "
+                         f"{m['accept']:.3f} | {m['clean']:.3f} | {m['score']:.3f} | [{m['d_lo']:.3f}, {m['d_hi']:.3f}] | {m['seconds']:.2f} | "
+                         f"{why} | {m['ok']} |")
+        if B.get("contraction"):
+            C = B["contraction"]; steps = sorted({c["steps"] for c in C})
+            L += ["", f"Unguided sample std / data std of the exact ε-model (N(0, s² I) data, {B['toy']['contraction']['n']} samples of 1×8×8, "
+                      "pixels pooled; 1.000 = no contraction):", "",
+                  "| data std s | variance | " + " | ".join(f"{k} steps" for k in steps) + " |", "|---|---|" + "---|"*len(steps)]
+            for s_ in sorted({c["data_std"] for c in C}, reverse=True):
+                for var in VARIANCES:
+                    by = {c["steps"]: c["ratio"] for c in C if c["data_std"] == s_ and c["variance"] == var}
+                    L.append(f"| {s_:g} | {var} | " + " | ".join(f"{by[k]:.3f}" for k in steps) + " |")
+        L.append("")
+    if "ellipse_variance" in R:
+        E = R["ellipse_variance"]
+        L += ["## (c) Reverse variance on the trained quick ellipse DDPM (unguided)", "", E["note"], "",
+              "| variance | steps | samples | clean single ellipses | empty | per-image std (mean ± sd) | real data | KS log AR | KS size | seconds |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in E["rows"]:
+            L.append(f"| {r['variance']} | {r['steps']} | {r['n']} | {r['frac_single_ellipse']:.3f} | {r['frac_empty']:.3f} | "
+                     f"{r['img_std_mean']:.4f} ± {r['img_std_sd']:.4f} | {E['real_img_std_mean']:.4f} ± {E['real_img_std_sd']:.4f} | "
+                     f"{r['ks_log_ar']:.3f} | {r['ks_size']:.3f} | {r['seconds']:.1f} |")
         L.append("")
     L += ["## The two ratios", ""] + R["summary"] + [""]
     return "\n".join(L)
@@ -191,6 +318,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0); p.add_argument("--out", default="bench/results")
     p.add_argument("--smoke", action="store_true", help="tiny U-Net and a small toy study: seconds")
     p.add_argument("--skip", choices=("a", "b"), default=None, help="leave one part out")
+    p.add_argument("--keep-a", action="store_true", help="do not rerun (a): keep it from the existing OUT/bench_sampling.json, marked with its commit")
+    p.add_argument("--ellipse-cache", default=None, help="(c): the cache holding the trained quick ellipse DDPM (loaded, never trained)")
+    p.add_argument("--ellipse-n", type=int, default=64); p.add_argument("--ellipse-steps", type=int, nargs="+", default=[25])
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     q = lib("SAMPLER_PROFILES")["quick"]
@@ -199,27 +329,51 @@ def main(argv=None):
     device = lib("get_device")(a.device)
     R = dict(command="python bench/bench_sampling.py " + " ".join(argv if argv is not None else sys.argv[1:]), commit=_sha(),
              date=str(datetime.date.today()), device=str(device), threads=torch.get_num_threads())
+    out = Path(a.out)
     summary = []
-    if a.skip != "a":
-        R["engineering"] = A = engineering(a, device)
-        b = A["modes"]["batched"]
+    if a.keep_a and a.skip != "a":
+        old = json.loads((out/"bench_sampling.json").read_text())
+        if "engineering" not in old: raise ValueError(f"--keep-a: {out}/bench_sampling.json has no part (a) to keep")
+        k = old["engineering"].get("kept_from") or {f: old[f] for f in ("command", "commit", "date", "device", "threads")}
+        R["engineering"] = dict(old["engineering"], kept_from=k)
+    elif a.skip != "a": R["engineering"] = engineering(a, device)
+    if "engineering" in R:
+        A = R["engineering"]; b = A["modes"]["batched"]; bc = A["modes"].get("batched+bf16+compile")
         summary.append(f"- (a) engineering gain, same {A['steps']} steps and ρ {A['rho']}: batched {b['gain_vs_loop']:.2f}× the one-at-a-time loop "
                        f"({A['samples']} samples, identical noise, max |difference| {b['max_abs_diff_vs_loop']:.1e})"
-                       + (f"; with bf16 + torch.compile {A['modes']['batched+bf16+compile']['gain_vs_loop']:.2f}×" if device.type == "cuda"
-                          else "; bf16 and torch.compile: not measured (no GPU)"))
+                       + (f"; with bf16 + torch.compile {bc['gain_vs_loop']:.2f}×" if isinstance(bc, dict) else "; bf16 and torch.compile: not measured (no GPU)")
+                       + (f" [kept from commit {A['kept_from']['commit']}]" if A.get("kept_from") else ""))
     if a.skip != "b":
         R["algorithmic"], study = algorithmic(SMOKE_TOY if a.smoke else TOY, a.seed)
         B = R["algorithmic"]
+        out.mkdir(parents=True, exist_ok=True); study.to_csv(out/"bench_sampling.csv", index=False, float_format="%.6g")
         if B["validated"] is None:
-            why = "no converged reference" if B["reference"] is None else "no cheaper setting passes the two-sided check"
+            why = "no converged reference" if B["reference"] is None else "no cheaper setting passes the two-sided check, with either reverse variance"
             summary.append(f"- (b) algorithmic gain at equal accuracy: none ({why})")
         else:
             summary.append(f"- (b) algorithmic gain at equal accuracy (Gaussian ε-model): {B['validated']['steps']} steps ρ {B['validated']['rho']} "
-                           f"vs the converged {B['reference']['steps']}-step ρ {B['reference']['rho']} reference: {B['gain_eps_evals']:.0f}× fewer "
-                           f"ε-evaluations, {B['gain_seconds']:.1f}× less time")
+                           f"{B['validated']['variance']} vs the converged {B['reference']['steps']}-step ρ {B['reference']['rho']} fixed_small reference: "
+                           f"{B['gain_eps_evals']:.0f}× fewer ε-evaluations, {B['gain_seconds']:.1f}× less time")
+        if B["reference"] is not None:
+            for var, v in B["validated_by_variance"].items():
+                summary.append(f"- (b) {var}: " + ("no cheaper setting passes" if v is None else
+                               f"cheapest passing {v['steps']} steps ρ {v['rho']} ({B['reference']['steps']/v['steps']:.0f}× fewer ε-evaluations)"))
+        C = B["contraction"]; by = lambda var, k, s_: next(c["ratio"] for c in C if c["variance"] == var and c["steps"] == k and c["data_std"] == s_)
+        s0, ks = max(c["data_std"] for c in C), sorted({c["steps"] for c in C})
+        summary.append(f"- unguided sample std / data std (exact ε-model, data std {s0:g}) at {'/'.join(map(str, ks))} steps: fixed_small "
+                       + "/".join(f"{by('fixed_small', k, s0):.3f}" for k in ks) + ", fixed_large " + "/".join(f"{by('fixed_large', k, s0):.3f}" for k in ks))
         summary.append("- (b) on the trained ellipse DDPM needs the GPU campaign (tools/gpu_campaign.py): not measured here")
+    if a.ellipse_cache:
+        try: R["ellipse_variance"] = E = ellipse_variance(a.ellipse_cache, a.ellipse_n, a.ellipse_steps, a.seed)
+        except FileNotFoundError as e: summary.append(f"- (c) not measured: {e}")
+        else:
+            for k in a.ellipse_steps:
+                r = {x["variance"]: x for x in E["rows"] if x["steps"] == k}
+                summary.append(f"- (c) quick ellipse DDPM, {k} unguided steps, {a.ellipse_n} samples: clean single ellipses "
+                               + ", ".join(f"{v} {r[v]['frac_single_ellipse']:.3f}" for v in VARIANCES) + "; per-image std "
+                               + ", ".join(f"{v} {r[v]['img_std_mean']:.4f}" for v in VARIANCES) + f" (data {E['real_img_std_mean']:.4f})")
     R["summary"] = summary
-    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out/"bench_sampling.json").write_text(json.dumps(R, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o)) + "\n")
     (out/"bench_sampling.md").write_text(markdown(R))
     print("\n".join(summary)); print(f"wrote {out}/bench_sampling.md and .json (torch threads {torch.get_num_threads()}, device {device})")

@@ -49,8 +49,30 @@ def test_bench_sampling_smoke(tmp_path):
     assert m["batched"]["max_abs_diff_vs_loop"] < 1e-3                  # same algorithm, same streams: same samples (float32 batch effects only)
     assert m["loop"]["seconds"] > 0 and m["batched"]["gflop_per_s"] > 0
     assert isinstance(m["batched+bf16+compile"], str) or torch.cuda.is_available()
-    assert R["algorithmic"]["samples_per_setting"] > 0 and len(R["summary"]) >= 2
+    B = R["algorithmic"]
+    assert B["samples_per_setting"] > 0 and len(R["summary"]) >= 2
     assert json.loads((tmp_path/"bench_sampling.json").read_text())["threads"] == 1
+    import pandas as pd
+    st = pd.read_csv(tmp_path/"bench_sampling.csv")                    # both variances' studies, same grid sizes as configured
+    assert set(st["variance"]) == set(bs.VARIANCES) and (st["variance"] == "fixed_large").sum() >= len(bs.SMOKE_TOY["rhos_large"])
+    C = {(c["variance"], c["steps"]): c["ratio"] for c in B["contraction"] if c["data_std"] == 1.0}
+    k = min(s for _, s in C)                                             # exact ε-model: at few steps β̃_t contracts, β_t does not
+    assert C[("fixed_small", k)] < 0.8 and abs(C[("fixed_large", k)] - 1) < 0.05
+    assert abs(C[("fixed_small", max(s for _, s in C))] - 1) < abs(C[("fixed_small", k)] - 1)   # and the contraction shrinks with steps
+
+def test_bench_sampling_keeps_a_with_its_commit(tmp_path):
+    R0 = bs.main(["--smoke", "--skip", "b", "--out", str(tmp_path)])
+    R1 = bs.main(["--smoke", "--skip", "b", "--keep-a", "--out", str(tmp_path)])
+    A = R1["engineering"]
+    assert A["modes"] == R0["engineering"]["modes"] and A["kept_from"]["command"] == R0["command"] and A["kept_from"]["commit"] == R0["commit"]
+    assert "Not rerun: kept from" in (tmp_path/"bench_sampling.md").read_text()
+
+def test_ellipse_variance_never_trains(tmp_path, monkeypatch):
+    import numpy as np
+    import diffexplain.ellipse_study as es
+    monkeypatch.setattr(es, "make_ellipses", lambda n, seed=0, cache_dir=None: dict(images=np.zeros((4, 1, 32, 32), np.float32)))
+    with pytest.raises(FileNotFoundError, match="does not train"): bs.load_cached_quick_ddpm(tmp_path)
+    assert not list(tmp_path.glob("ellipse-ddpm-*"))                    # nothing was started in the cache
 
 def _unrolled_acre(build_eps, build_reg, shape, k):   # the filter written out: k ε calls, regressor, backward to x
     eps, reg = cm.on_meta(build_eps), cm.on_meta(build_reg)
