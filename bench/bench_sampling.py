@@ -133,6 +133,23 @@ def toy_score(s, n_boot):
     lo, hi = r["bootstrap"].ci_global
     return dict(score=r["global_score"], score_lo=lo, score_hi=hi)
 
+def matches_by_variance(parts, # {variance: `sampling_study` DataFrame}; parts["fixed_small"] holds the reference row
+                        ref, # index of the reference row in parts["fixed_small"] (from `converged_reference`)
+                        **margins, # `few_step_matches`' margins
+                       ): # (matches of every variance's cheaper rows, {variance: cheapest passing row or None}, cheapest passing row or None)
+    """`few_step_matches` of each variance's cheaper settings against ONE reference (a fixed_small row): the reference row
+    is put next to the other variance's rows, so the library's check runs unchanged; the verdicts are combined with a
+    `variance` column and the cheapest passing setting (fewest steps, then lowest error) is picked over all variances."""
+    import pandas as pd
+    small = parts["fixed_small"]; rs, rl = int(small.loc[ref, "steps"]), small.loc[ref, "rho_pieces"]
+    fsm = lib("few_step_matches")
+    ms = [fsm(small if v == "fixed_small" else pd.concat([small.loc[[ref]], st[st["steps"] < rs]]), rs, rl, **margins).assign(variance=v)
+          for v, st in parts.items()]
+    m = pd.concat(ms, ignore_index=True).sort_values(["steps", "err"], kind="stable").reset_index(drop=True)
+    ok = m[m["ok"]]
+    by = {v: (None if ok[ok["variance"] == v].empty else ok[ok["variance"] == v].iloc[0]) for v in parts}
+    return m, by, (None if ok.empty else ok.iloc[0])
+
 def algorithmic(T, seed):
     """Two studies on the same toy, targets and noise streams: the fixed_small one holds the convergence chain (the reference)
     and the cheaper candidates; the fixed_large one the same candidates (and its own chain, as a check that it converges to
@@ -172,21 +189,13 @@ def algorithmic(T, seed):
         r = study.loc[ref]; rs, rl = int(r["steps"]), r["rho_pieces"]
         res["reference"] = dict(steps=rs, rho=rl, variance="fixed_small", seconds=float(r["seconds"]), score=float(r["score"]),
                                 err=float(r["err"]), accept=float(r["accept"]))
-        ms = []
-        for var, st in studies.items():   # the reference row + this variance's cheaper rows: one reference, two candidate sets
-            cand = st[st["steps"] < rs] if var != "fixed_small" else st
-            ms.append(few_step_matches(pd.concat([study.loc[[ref]], cand]) if var != "fixed_small" else cand, rs, rl).assign(variance=var))
-        m = pd.concat(ms, ignore_index=True).sort_values(["steps", "err"]).reset_index(drop=True)
+        m, by, best = matches_by_variance(studies, ref)
         res["matches"] = m[["variance", "steps", "rho_pieces", "err", "err_median", "accept", "clean", "score", "d_lo", "d_hi", "seconds",
                             "score_ok", "err_ok", "accept_ok", "clean_ok", "ok"]].to_dict("records")
-        for var in VARIANCES:
-            ok = m[(m["variance"] == var) & m["ok"]]
-            if len(ok): res["validated_by_variance"][var] = dict(steps=int(ok["steps"].iloc[0]), rho=ok["rho_pieces"].iloc[0])
-        ok = m[m["ok"]]
-        if len(ok):   # the cheapest passing setting over both variances (fewest steps, then lowest error)
-            v = ok.iloc[0]
-            res["validated"] = dict(steps=int(v["steps"]), rho=v["rho_pieces"], variance=v["variance"], seconds=float(v["seconds"]),
-                                    score=float(v["score"]), err=float(v["err"]), accept=float(v["accept"]))
+        res["validated_by_variance"] |= {v: dict(steps=int(r["steps"]), rho=r["rho_pieces"]) for v, r in by.items() if r is not None}
+        if best is not None:
+            res["validated"] = dict(steps=int(best["steps"]), rho=best["rho_pieces"], variance=best["variance"], seconds=float(best["seconds"]),
+                                    score=float(best["score"]), err=float(best["err"]), accept=float(best["accept"]))
             res["gain_eps_evals"] = rs/res["validated"]["steps"]
             res["gain_seconds"] = res["reference"]["seconds"]/res["validated"]["seconds"]
         fs = res["validated_by_variance"]["fixed_small"]

@@ -96,3 +96,18 @@ def test_per_call_counts_match_the_unrolled_chains():
     assert cm.acre_iteration(U, cm.unet2d_call, R, (3, 16, 16), 3) == _unrolled_acre(U, R, (3, 16, 16), 3)
     A = lambda: cm.lib("DiffAE")("tiny", 3, 16, z_dim=32, enc_channels=(8, 16))
     assert cm.diffae_re_step(A, R, (3, 16, 16), 3, 32) == _unrolled_diffae_re(A, R, (3, 16, 16), 3, 32)
+
+def test_matches_by_variance_one_reference_either_verdict():
+    "Each variance's cheaper rows are judged against the one fixed_small reference; the verdict can go either way."
+    import pandas as pd
+    row = lambda steps, rho, score, accept=0.95, err=0.01: dict(steps=steps, rho=float(rho), rho_max=float(rho), rho_pieces=f"{rho:g}", sigma_v=0.1,
+                                                               err=err, accept=accept, clean=1.0, score=score, score_lo=score - 0.02, score_hi=score + 0.02, seconds=steps/10)
+    small = pd.DataFrame([row(100, 0.1, 0.44), row(200, 0.05, 0.45), row(25, 0.4, 0.56)])
+    large = pd.DataFrame([row(100, 0.1, 0.44), row(25, 0.4, 0.45), row(10, 0.5, 0.65), row(5, 1.0, 0.44, accept=0.5)])
+    m, by, best = bs.matches_by_variance(dict(fixed_small=small, fixed_large=large), 0)
+    assert len(m) == 4 and set(m["variance"]) == set(bs.VARIANCES)      # large's 100-step row is not cheaper: left out
+    assert by["fixed_small"] is None and best["variance"] == "fixed_large" and best["steps"] == 25
+    v = m.set_index(["variance", "steps"])["ok"]
+    assert not v[("fixed_small", 25)] and not v[("fixed_large", 10)] and not v[("fixed_large", 5)]   # score off; acceptance short
+    large.loc[1, "score"] = 0.60                                        # the good fixed_large row made bad: nothing passes
+    assert bs.matches_by_variance(dict(fixed_small=small, fixed_large=large), 0)[2] is None

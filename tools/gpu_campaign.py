@@ -16,7 +16,11 @@ and resumes unfinished ones from their checkpoints / per-setting / per-target fi
                   features to the data).
 6. `sampler_study` the convergence chain at the paper's total drift ρ·steps = 100 (250, 500, 1000, 2000 steps) and the
                   cheaper settings, on 6 targets × 128 samples, one setting at a time while the study's time share
-                  lasts; `converged_reference` + `few_step_matches` (two-sided) pick the validated sampler.
+                  lasts; `converged_reference` + `few_step_matches` (two-sided) pick the validated sampler. The chain
+                  (the reference) uses the package's reverse variance (diffusers "fixed_small", σ_t² = β̃_t); the cheaper
+                  settings are tried with it and with "fixed_large" (σ_t² = β_t, Ho et al. 2020 §3.2), since few
+                  respaced β̃_t steps contract the samples (bench/bench_sampling.py measures it on an exact ε-model);
+                  the cheapest passing setting of either variance is validated, and Table 1 samples with its variance.
 7. `table1`       Table 1 (global score of the classifier for the aspect ratio and the size) at the paper's recipe of
                   200 samples per target and the library's paper profile's target count (every test value, 2,000),
                   with the validated sampler (or, if none validated, the quick profile's setting, flagged). Targets
@@ -48,20 +52,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT/"bench"))
 from compute_model import H200_BF16_DENSE, eps_train_step, guided_step, lib, unet2d_call, _Clamp01   # FLOP counts; library names wherever they live
+from bench_sampling import VARIANCES, with_variance, matches_by_variance   # reverse variance as a sampler-study axis (one fixed_small reference)
 
 SIZES = {
     # data: images; clf_profile: `ELLIPSE_PROFILES` recipe of the Table 6 CNNs; unet: `make_unet2d` profile; train_*: DDPM recipe
     # for the budget; study: sampler study (targets, samples, chain at drift ρ·steps, cheaper settings); table1: targets (None:
-    # every test value, the library's paper profile), samples per target, targets per batch
+    # every test value, the library's paper profile), samples per target, targets per batch; cheap_large: the cheaper settings
+    # again with the reverse variance σ_t² = β_t (diffusers "fixed_large") instead of the package's β̃_t ("fixed_small")
     "smoke": dict(n_data=400, clf_profile="smoke", unet="tiny", batch=8, lr=2e-3, warmup=1, calib_steps=3, ckpt_every=3,
                   max_steps=6, train_share=0.25, n_quality=8, quality_steps=5,
-                  study=dict(n_targets=2, n=4, drift=2.0, chain=(4, 8), cheap={2: [0.5]}, n_boot=100, share=0.25),
+                  study=dict(n_targets=2, n=4, drift=2.0, chain=(4, 8), cheap={2: [0.5]}, cheap_large={2: [0.5]}, n_boot=100, share=0.25),
                   table1=dict(n_targets=4, n=3, targets_per_batch=2, shards=2, n_boot=100, steps=4, y="probability", tol=1e6),
                   budget=120.0),
     "full": dict(n_data=10_000, clf_profile="quick", unet="ellipse", batch=128, lr=2e-4, warmup=100, calib_steps=200,
                  ckpt_every=500, max_steps=200_000, train_share=0.40, n_quality=512, quality_steps=100,
                  study=dict(n_targets=6, n=128, drift=100.0, chain=(250, 500, 1000, 2000),
-                            cheap={25: [0.4, 0.8], 50: [0.2, 0.4], 100: [0.1, 0.2]}, n_boot=2000, share=0.15),
+                            cheap={25: [0.4, 0.8], 50: [0.2, 0.4], 100: [0.1, 0.2]},
+                            cheap_large={25: [0.4, 0.8], 50: [0.2, 0.4], 100: [0.1, 0.2]}, n_boot=2000, share=0.15),
                  table1=dict(n_targets=None, n=200, targets_per_batch=8, shards=40, n_boot=5000, steps=None, y="decision", tol=0.3),
                  budget=480.0),   # 8 minutes from the first stage: with the wheel install and imports, the command ends inside 9
 }
@@ -202,32 +209,44 @@ def stage_study(S, C, cache, seed, dev):
     if dev.type == "cuda":   # sampling_study samples where x_T lives: start on the GPU, from streams independent of the step noise
         kw |= dict(x_T=torch.randn((N, 1, 32, 32), generator=torch.Generator().manual_seed(seed + 7919)).to(dev), amp_dtype=torch.bfloat16)
     chain = lib("convergence_chain")(T["drift"], T["chain"])
-    ch_ = [(k, r) for k in sorted(chain) for r in chain[k]]   # the chain's longest setting last: the others can already decide
-    grid = ch_[:-1] + [(k, r) for k in sorted(T["cheap"]) for r in T["cheap"][k]] + ch_[-1:]
+    ch_ = [("fixed_small", k, r) for k in sorted(chain) for r in chain[k]]   # the chain's longest setting last: the others can already decide
+    cheap = [("fixed_small", k, r) for k in sorted(T["cheap"]) for r in T["cheap"][k]]
+    cheap += [("fixed_large", k, r) for k in sorted(T.get("cheap_large", {})) for r in T["cheap_large"][k]]
+    grid = ch_[:-1] + cheap + ch_[-1:]
+    scheds = {v: with_variance(sched, v) for v in VARIANCES}
+    kws = {v: dict(kw, out_dir=C.out/"cache"/("sampler_study" if v == "fixed_small" else f"sampler_study-{v}")) for v in VARIANCES}
     stop = C.elapsed() + T["share"]*C.budget
     done = []
-    for k, r in grid:   # one setting at a time (each cached), while the study's share of the budget lasts
+    for var, k, r in grid:   # one setting at a time (each cached), while the study's share of the budget lasts
         if C.elapsed() > stop: break
         t = time.perf_counter()
-        lib("sampling_study")(unet_eps(unet), sched, g, targets, T["n"], (1, 32, 32), sigma_v, steps=(k,), rhos={k: [r]}, **kw)
-        done.append(dict(steps=k, rho=r, seconds=time.perf_counter() - t)); log(f"  study setting {k} steps rho {r:g}: {done[-1]['seconds']:.1f} s")
-    have = {}
-    for k, r in [(d["steps"], d["rho"]) for d in done]: have.setdefault(k, []).append(r)
-    study = lib("sampling_study")(unet_eps(unet), sched, g, targets, T["n"], (1, 32, 32), sigma_v, steps=sorted(have, reverse=True), rhos=have, **kw)
+        lib("sampling_study")(unet_eps(unet), scheds[var], g, targets, T["n"], (1, 32, 32), sigma_v, steps=(k,), rhos={k: [r]}, **kws[var])
+        done.append(dict(variance=var, steps=k, rho=r, seconds=time.perf_counter() - t))
+        log(f"  study setting {var} {k} steps rho {r:g}: {done[-1]['seconds']:.1f} s")
+    import pandas as pd
+    parts = {}
+    for var in VARIANCES:   # reload every finished setting of each variance (cached: no sampling)
+        have = {}
+        for d in done:
+            if d["variance"] == var: have.setdefault(d["steps"], []).append(d["rho"])
+        if have:
+            parts[var] = lib("sampling_study")(unet_eps(unet), scheds[var], g, targets, T["n"], (1, 32, 32), sigma_v,
+                                               steps=sorted(have, reverse=True), rhos=have, **kws[var]).assign(variance=var)
+    study = pd.concat(parts.values(), ignore_index=True) if parts else pd.DataFrame()
     study.to_csv(C.out/"study.csv", index=False, float_format="%.6g")
-    ref, ch = lib("converged_reference")(study, T["drift"], chain_steps=T["chain"])
-    val = lib("validated_sampler")(study, T["drift"], dict(chain_steps=T["chain"]))
+    small = parts.get("fixed_small", pd.DataFrame(columns=["steps", "rho", "rho_max", "rho_pieces", "err", "sigma_v"]))
+    ref, ch = lib("converged_reference")(small, T["drift"], chain_steps=T["chain"]) if len(small) else (None, small)
     res = dict(targets=targets.tolist(), n=T["n"], sigma_v=sigma_v, settings_done=done, settings_planned=len(grid),
-               reference=None if ref is None else dict(steps=int(study.loc[ref, "steps"]), rho=study.loc[ref, "rho_pieces"]),
-               validated=None if val is None else dict(num_steps=val["num_steps"], rho=val["rho"]),
-               chain=ch.to_dict("records"))
-    if ref is not None:
-        res["matches"] = lib("few_step_matches")(study, int(study.loc[ref, "steps"]), study.loc[ref, "rho_pieces"]).to_dict("records")
-    if val is not None:   # the algorithmic gain at equal accuracy on the ellipse models (bench_sampling's part b measures it on a toy)
-        sec = lambda k, r: float(study[(study["steps"] == k) & (study["rho_pieces"] == r)]["seconds"].iloc[0])
-        rl = lib("_rho_label")
-        res["gain_eps_evals"] = res["reference"]["steps"]/val["num_steps"]
-        res["gain_seconds"] = sec(res["reference"]["steps"], res["reference"]["rho"])/sec(val["num_steps"], rl(val["rho"]))
+               reference=None if ref is None else dict(steps=int(small.loc[ref, "steps"]), rho=small.loc[ref, "rho_pieces"], variance="fixed_small"),
+               validated=None, validated_by_variance={v: None for v in VARIANCES}, chain=ch.to_dict("records"))
+    if ref is not None:   # one fixed_small reference; each variance's cheaper settings checked two-sidedly against it
+        m, by, best = matches_by_variance(parts, ref)
+        res["matches"] = m.to_dict("records")
+        res["validated_by_variance"] |= {v: dict(num_steps=int(r["steps"]), rho=lib("parse_rho")(r["rho_pieces"])) for v, r in by.items() if r is not None}
+        if best is not None:   # the cheapest passing setting over both variances; the algorithmic gain at equal accuracy on the ellipse models
+            res["validated"] = dict(num_steps=int(best["steps"]), rho=lib("parse_rho")(best["rho_pieces"]), variance=best["variance"])
+            res["gain_eps_evals"] = res["reference"]["steps"]/res["validated"]["num_steps"]
+            res["gain_seconds"] = float(small.loc[ref, "seconds"])/float(best["seconds"])
     if len(done) < len(grid): res["_partial"] = True
     return res
 
@@ -237,7 +256,10 @@ def stage_table1(S, C, cache, seed, dev):
     T = S["table1"]; unet, sched = load_ddpm(C, S, cache, seed, dev); m = _models(S, cache, seed, dev)
     st = C.done("sampler_study")
     val = st and st.get("validated")
-    sp = dict(num_steps=val["num_steps"], rho=val["rho"], validated=True) if val else dict(lib("SAMPLER_PROFILES")["quick"], validated=False)
+    sp = (dict(num_steps=val["num_steps"], rho=val["rho"], variance=val.get("variance", "fixed_small"), validated=True) if val
+          else dict(lib("SAMPLER_PROFILES")["quick"], variance="fixed_small", validated=False))
+    sched = with_variance(sched, sp["variance"])   # the validated setting's reverse variance
+    if isinstance(sp["rho"], dict): sp["rho"] = {int(k): float(v) for k, v in sp["rho"].items()}   # pieces read back from JSON: int keys
     if T["steps"] is not None and not val: sp["num_steps"] = T["steps"]   # smoke: fewer steps still
     data = lib("make_ellipses")(S["n_data"], seed=seed, cache_dir=cache); test = lib("split_indices")(S["n_data"], seed=seed)["test"]
     rows, fl_step = [], guided_step(lambda: lib("make_unet2d")(S["unet"], 1, 32), unet2d_call, (1, 32, 32),
@@ -283,7 +305,7 @@ def stage_table1(S, C, cache, seed, dev):
             md.append(f"| {r['feature']} | {r.get('error', 'not reached')} | {PAPER_TABLE1[r['feature']]} | | | {r['targets_done']} of {r['targets']} | |"); continue
         md.append(f"| {r['feature']} | {r['global_score']:.3f} [{r['ci_lo']:.3f}, {r['ci_hi']:.3f}] | {r['paper']} | {r['no_effect_floor']:.4f} | "
                   f"{r['acceptance']:.3f} | {r['targets_done']} of {r['targets']} | {r['samples']} |")
-    md += ["", f"Sampler: {sp['num_steps']} steps, ρ {sp['rho']} ({'validated by the sampler study' if sp['validated'] else 'NOT validated: quick profile setting'}); "
+    md += ["", f"Sampler: {sp['num_steps']} steps, ρ {sp['rho']}, reverse variance {sp['variance']} ({'validated by the sampler study' if sp['validated'] else 'NOT validated: quick profile setting'}); "
            f"{T['n']} samples per target; rejection at {T['tol']:g} σ_V (paper: 0.3, App. D.1); Y = classifier {T['y']}."]
     (C.out/"table1.md").write_text("\n".join(md) + "\n")
     new_steps, wall = sum(r.get("samples_this_run", 0) for r in rows)*sp["num_steps"], sum(r.get("sampling_wall_s_this_run", 0) for r in rows)
