@@ -17,16 +17,17 @@ from tqdm.auto import tqdm
 from diffusers import DDPMScheduler
 from .data import (get_device, cache_path, config_hash, atomic_write, check_tensor, load_brain_rois,
                               subject_split, save_arrays, load_arrays, code_version, make_brain_phantoms, class_weights,
-                              BrainROIDataset, PHANTOM_LABEL_MODEL, phantom_ad_probability)
+                              BrainROIDataset, PHANTOM_LABEL_MODEL, phantom_ad_probability, check_int, check_number, check_seed)
 from .models import (save_checkpoint, load_checkpoint, resnet10t_3d, Rescaled, train_model, load_or_train, predict,
                                 accuracy, balanced_accuracy, r2_score, _seeded, _code, _TRAIN_CODE)
 from .diffusion import (make_scheduler, make_autoencoder3d, make_unet3d, vae_loss, to_model_range,
                                    from_model_range, model_config, data_fingerprint, train_diffusion, LatentTransform,
                                    latent_scale_factor, decode_latent, make_perceptual_loss)
-from .guided_sampling import (gaussian_eps, constrained_sample, constrained_sweep, downsample_mask, guided_edit,
+from .guided_sampling import (gaussian_eps, plain_samples, constrained_sample, constrained_sweep, downsample_mask, guided_edit,
                                          sample_seeds, target_file, load_sweep)
-from .scores import balanced_global_score, global_score, local_scores
+from .scores import balanced_global_score, global_score, local_scores, bootstrap_balanced_score
 from .counterfactuals import diffusion_ce
+from .metrics import coverage, embed
 
 # %% auto #0
 __all__ = ['BRAIN_RHO', 'BRAIN_STUDY_PROFILES', 'LDM_UNETS', 'BRAIN_PROFILES', 'BRAIN_SPLIT', 'TARGET_UNITS', 'HIPPOCAMPUS_MODES',
@@ -587,10 +588,6 @@ def phantom_true_scores(n_targets: int = 200_000, # Monte Carlo targets drawn fr
                          "bayes": [_balanced_moments(c, d, 0*d), _balanced_moments(c, qbar*one, qbar*(1 - qbar)*one)]},
                         index=pd.Index(["volume", "ventricle"], name="factor"))
 
-# %% ../nbs/09_brain_study.ipynb #t4s00002
-from .data import check_int, check_number, check_seed
-from .scores import bootstrap_balanced_score
-
 # %% ../nbs/09_brain_study.ipynb #t4s00003
 PHANTOM_HIPPOCAMPUS_MM3 = 4/3*np.pi*3.5*11*4 # ellipsoid volume (mm³) of a phantom hippocampus at size factor 1 (`make_brain_phantoms`: radii 3.5, 11, 4 voxels × scale)
 
@@ -911,11 +908,6 @@ def brain_counterfactuals(study: BrainStudy, # from `brain_study`
         vol = study.g(torch.cat([to_model_range(x), img_cf])).cpu().numpy()
     return dict(res, original=x.cpu(), x_cf_image=from_model_range(img_cf).cpu(), roi=roi, label=r["label"][roi],
                 mask=torch.from_numpy(r["mask_dilated"][roi]), volume_orig=vol[:len(roi)], volume_cf=vol[len(roi):])
-
-# %% ../nbs/09_brain_study.ipynb #t3cov02
-from .metrics import coverage, embed
-from .guided_sampling import plain_samples
-from .data import check_int, check_seed
 
 # %% ../nbs/09_brain_study.ipynb #t3cov03
 def _lm_of(model, name: str): # a BrainStudy or a LatentModel -> its LatentModel
