@@ -16,11 +16,15 @@
     variance is an axis: the reference is always the package's `fixed_small` (σ_t² = β̃_t) chain, and the cheaper
     candidates are tried with `fixed_small` and with `fixed_large` (σ_t² = β_t, Ho et al. 2020 §3.2: the optimal choice
     for N(0, I) data; with few respaced steps β̃_t shrinks the injected noise and contracts the samples, which the
-    script measures too: unguided sample std / data std by steps and variance). On the trained ellipse models this needs
+    script measures too: unguided sample std / data std by steps and variance). β_t is optimal only for N(0, I) data and
+    over-disperses narrower data, so the same candidates are also tried with Analytic-DPM's variance (Bao et al. 2022:
+    β̃ + c0²·E[Var(x0 | x_t)] with E[Var(x0 | x_t)] from Γ_t = E‖ε(x_t, t)‖²/d, estimated by Monte Carlo over the data; here a
+    DDPMScheduler subclass in this script, not in the package). On the trained ellipse models this needs
     the GPU campaign (`tools/gpu_campaign.py`): the chain alone is hours on two CPU cores.
 
 (c) Optional (`--ellipse-cache DIR`): unguided samples of the trained quick ellipse DDPM with each variance (loaded from
-    DIR, never trained), `ellipse_quality` and per-image intensity std against the data.
+    DIR, never trained; analytic's Γ_t from noised training images), `ellipse_quality` and per-image intensity std
+    against the data.
 
     python bench/bench_sampling.py                       # both parts on CPU (paper-size 9.4 M ellipse U-Net for (a)); ~minutes
     python bench/bench_sampling.py --smoke               # tiny sizes, seconds (the tests run this)
@@ -101,17 +105,69 @@ TOY = dict(std=0.5, size=8, top_rows=4, n_targets=6, n=256, drift=10.0, chain=(5
            rhos={5: [1.0], 10: [0.0, 0.5, {0: 0.1, 100: 1.0}], 25: [0.4, {0: 0.1, 100: 0.8}, {0: 0.2, 200: 0.8}],
                  50: [0.3, {0: 0.1, 100: 0.4}]},   # constant ρ and two-piece ρ (large early, Table 9's 0.1 late), as chapter 03 tries
            # the same candidates sampled with σ_t² = β_t ("fixed_large", Ho et al. 2020 §3.2: optimal for N(0, I) data), plus
-           # ρ·steps = drift at 25 steps (0.4 above) and 50 steps (0.2) and a stronger 10-step ρ; the reference stays fixed_small
+           # ρ·steps = drift at 25 steps (0.4 above) and 50 steps (0.2) and a stronger 10-step ρ; the reference stays fixed_small.
+           # The same grid again with Analytic-DPM's variance (between the two; exact for Gaussian data up to Γ_t's Monte Carlo)
            rhos_large={5: [1.0], 10: [0.0, 0.5, 1.0, {0: 0.1, 100: 1.0}], 25: [0.2, 0.4, {0: 0.1, 100: 0.8}, {0: 0.2, 200: 0.8}],
                        50: [0.2, 0.3, {0: 0.1, 100: 0.4}]},
            contraction=dict(steps=(5, 10, 25, 50, 100, 1000), n=2048, stds=(1.0, 0.5)))
 SMOKE_TOY = dict(TOY, n_targets=3, n=32, chain=(20, 40), drift=4.0, steps=(5, 10), rhos={5: [0.8], 10: [0.0, 0.4]},
-                 rhos_large={5: [0.8], 10: [0.4]}, n_boot=200, contraction=dict(steps=(5, 40), n=64, stds=(1.0,)))
+                 rhos_large={5: [0.8], 10: [0.4]}, n_boot=200, contraction=dict(steps=(5, 40), n=64, stds=(1.0, 0.5)))
 VARIANCES = ("fixed_small", "fixed_large")   # diffusers DDPMScheduler variance_type: β̃_t (the package's) and β_t
+ALL_VARIANCES = VARIANCES + ("analytic",)    # + Analytic-DPM's estimated optimal variance (Bao et al. 2022), bench only
 
 def with_variance(sched, variance):
     "The same noise schedule with another reverse-step variance (diffusers `variance_type`)."
     return type(sched).from_config(sched.config, variance_type=variance)
+
+def _analytic_class():
+    from diffusers import DDPMScheduler
+    class AnalyticVarianceDDPM(DDPMScheduler):
+        """DDPM step (the same posterior mean from x̂0) with Analytic-DPM's optimal reverse variance (Bao et al. 2022, Thm 1):
+        σ*²_{t→s} = β̃ + c0²·E[Var(x0 | x_t)], c0 = √ᾱ_s·β/(1 − ᾱ_t), E[Var(x0 | x_t)] per dimension = (1 − ᾱ_t)/ᾱ_t·(1 − Γ_t),
+        Γ_t = E‖ε(x_t, t)‖²/d over x_t ~ q(x_t); clipped to [β̃, β] (their bounds). Γ (`gamma`, {t: value}) is
+        estimated by `estimate_gamma`. For N(0, I) data it gives β (fixed_large), for a point mass β̃ (fixed_small)."""
+        gamma: dict = {}
+        def _get_variance(self, t, predicted_variance=None, variance_type=None):
+            prev_t = self.previous_timestep(t)
+            ab_t = self.alphas_cumprod[t]; ab_s = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
+            beta = 1 - ab_t/ab_s; small = ((1 - ab_s)/(1 - ab_t)*beta).clamp(min=1e-20)
+            if int(t) not in self.gamma: raise KeyError(f"no Γ_t estimated for t={int(t)}: run estimate_gamma over this step grid")
+            var_x0 = (1 - ab_t)/ab_t*(1 - self.gamma[int(t)])
+            return torch.minimum(torch.maximum(small + (ab_s.sqrt()*beta/(1 - ab_t))**2*var_x0, small), beta)
+    return AnalyticVarianceDDPM
+
+def estimate_gamma(eps, # eps(x_t, t)
+                   sched, # the noise schedule
+                   x0, # (N, ...) data in the model's range
+                   ts, # timesteps to estimate Γ_t at
+                   n_mc: int = 256, # Monte Carlo draws (data × noise) per timestep
+                   seed: int = 0, batch: int = 256,
+                  ) -> dict: # {t: Γ_t = E‖ε(x_t, t)‖²/d}
+    "Analytic-DPM's Monte Carlo moment Γ_t of the ε-model over noised data."
+    g = torch.Generator().manual_seed(seed); ab = sched.alphas_cumprod; out = {}
+    x0 = torch.as_tensor(x0).float()
+    for t in sorted({int(t) for t in ts}):
+        acc = 0.0
+        for i in range(0, n_mc, batch):
+            m = min(batch, n_mc - i)
+            x = x0[torch.randint(len(x0), (m,), generator=g)]; z = torch.randn(x.shape, generator=g)
+            xt = ab[t].sqrt()*x + (1 - ab[t]).sqrt()*z
+            with torch.no_grad(): acc += float(eps(xt, torch.full((m,), t, dtype=torch.long)).float().pow(2).sum())
+        out[t] = acc/(n_mc*x0[0].numel())
+    return out
+
+def sampler_scheduler(variance, # one of ALL_VARIANCES
+                      sched, # the model's scheduler (its config is kept)
+                      eps=None, x0=None, steps=(), # "analytic": ε-model, data (model range) and the step counts to estimate Γ for
+                      n_mc: int = 256, seed: int = 0):
+    "`sched` with the given reverse variance; for 'analytic', Γ_t estimated at every timestep of `steps`' respaced grids."
+    if variance in VARIANCES: return with_variance(sched, variance)
+    if variance != "analytic": raise ValueError(f"`variance` must be one of {ALL_VARIANCES}, got {variance!r}")
+    S = _analytic_class().from_config(sched.config, variance_type="fixed_small")
+    ts = [int(t) for k in steps for t in lib("respaced")(S, int(k)).timesteps]
+    S.gamma = estimate_gamma(eps, S, x0, ts, n_mc, seed)
+    S.register_to_config(analytic_gamma=lib("config_hash")({str(k): round(v, 6) for k, v in S.gamma.items()}))   # keys caches on Γ
+    return S
 
 def contraction(C, seed):
     """Std of unguided samples of the exact ε-model of N(0, s² I) data (1×8×8 images, all pixels pooled) by steps and
@@ -119,8 +175,10 @@ def contraction(C, seed):
     make_scheduler, gaussian_eps, constrained_sample = lib("make_scheduler"), lib("gaussian_eps"), lib("constrained_sample")
     rows = []
     for s in C["stds"]:
-        for var in VARIANCES:
-            sched = with_variance(make_scheduler(clip_sample=False), var); eps = gaussian_eps(sched, 0.0, s)
+        base = make_scheduler(clip_sample=False); eps = gaussian_eps(base, 0.0, s)
+        x0 = s*torch.randn((C["n"], 1, 8, 8), generator=torch.Generator().manual_seed(seed + 1))   # data draws for Γ_t
+        for var in ALL_VARIANCES:
+            sched = sampler_scheduler(var, base, eps, x0, C["steps"], seed=seed)
             for k in C["steps"]:
                 x = constrained_sample(eps, sched, (C["n"], 1, 8, 8), generator=torch.Generator().manual_seed(seed), num_steps=k)
                 rows.append(dict(data_std=s, variance=var, steps=k, sample_std=float(x.std()), ratio=float(x.std())/s))
@@ -165,12 +223,15 @@ def algorithmic(T, seed):
     clf = lambda x: (x[..., :top, :].mean((1, 2, 3)) > 0).float()                  # Y: depends on V only partly
     median = lambda x: x.flatten(1).median(1).values                               # an independent measure of the constraint
     clean = lambda x: (x.flatten(1).std(1) - T["std"]).abs() < 0.5*T["std"]          # "looks like the data": pixel spread near s
-    studies, walls = {}, {}
-    for var, rhos in (("fixed_small", T["rhos"]), ("fixed_large", T["rhos_large"])):
-        sched = with_variance(make_scheduler(clip_sample=False), var); eps = gaussian_eps(sched, 0.0, T["std"])
+    studies, walls, base = {}, {}, make_scheduler(clip_sample=False)
+    eps = gaussian_eps(base, 0.0, T["std"])
+    x0 = T["std"]*torch.randn((T["contraction"]["n"], 1, s, s), generator=torch.Generator().manual_seed(seed + 1))   # data draws for Γ_t
+    for var, rhos in (("fixed_small", T["rhos"]), ("fixed_large", T["rhos_large"]), ("analytic", T["rhos_large"])):
         grid = {k: list(v) for k, v in rhos.items()}
-        for k, (r,) in convergence_chain(T["drift"], T["chain"]).items(): grid.setdefault(k, []).append(r)
+        for k, (r,) in convergence_chain(T["drift"], T["chain"]).items():
+            if all(lib("_rho_label")(x) != lib("_rho_label")(r) for x in grid.get(k, [])): grid.setdefault(k, []).append(r)
         t0 = time.perf_counter()
+        sched = sampler_scheduler(var, base, eps, x0, list(grid), seed=seed)
         studies[var] = sampling_study(eps, sched, image_mean, targets, T["n"], (1, s, s), sigma_v, steps=sorted(grid, reverse=True),
                                       rhos=grid, seed=seed, classifier=clf, score_fn=lambda sw: toy_score(sw, T["n_boot"]),
                                       measures=dict(median=median), quality=clean).assign(variance=var)
@@ -178,13 +239,13 @@ def algorithmic(T, seed):
     study = studies["fixed_small"]
     ref, chain = converged_reference(study, T["drift"], chain_steps=T["chain"])
     val = validated_sampler(study, T["drift"], dict(chain_steps=T["chain"]))
-    _, chain_large = converged_reference(studies["fixed_large"], T["drift"], chain_steps=T["chain"])
+    chain_other = {v: converged_reference(studies[v], T["drift"], chain_steps=T["chain"])[1] for v in ALL_VARIANCES[1:]}
     cc = ["steps", "rho", "err", "accept", "score", "score_lo", "score_hi", "still_moving", "narrow"]
     res = dict(toy={k: (v if not isinstance(v, dict) else {str(kk): ([lib("_rho_label")(r) for r in vv] if isinstance(vv, list) else vv)
                                                            for kk, vv in v.items()}) for k, v in T.items()},
-               seed=seed, study_wall_s=walls["fixed_small"], study_wall_s_large=walls["fixed_large"], samples_per_setting=int(len(targets)*T["n"]),
-               chain=chain[cc].to_dict("records"), chain_large=chain_large[cc].to_dict("records"),
-               reference=None, validated=None, validated_by_variance={v: None for v in VARIANCES})
+               seed=seed, study_wall_s=walls, samples_per_setting=int(len(targets)*T["n"]),
+               chain=chain[cc].to_dict("records"), chain_other={v: c[cc].to_dict("records") for v, c in chain_other.items()},
+               reference=None, validated=None, validated_by_variance={v: None for v in ALL_VARIANCES})
     if ref is not None:
         r = study.loc[ref]; rs, rl = int(r["steps"]), r["rho_pieces"]
         res["reference"] = dict(steps=rs, rho=rl, variance="fixed_small", seconds=float(r["seconds"]), score=float(r["score"]),
@@ -217,18 +278,22 @@ def load_cached_quick_ddpm(cache_dir, seed=0):
     try: return lib("ellipse_ddpm")("quick", cache_dir=cache_dir, seed=seed, progress=False)
     finally: dd.cache_path = orig
 
-def ellipse_variance(cache_dir, n, steps, seed):
+def ellipse_variance(cache_dir, n, steps, seed, n_mc=128):
     """Unguided samples of the quick ellipse DDPM with each reverse variance (same per-sample noise streams, the model's
     own scheduler otherwise, clip_sample included): `ellipse_quality` and the per-image intensity std against the data."""
     d = load_cached_quick_ddpm(cache_dir, seed)
     real = lib("make_ellipses")(lib("DDPM_PROFILES")["quick"]["n"], seed=seed, cache_dir=cache_dir)["images"][:2000]
     real_std = np.asarray(real, np.float32).reshape(len(real), -1).std(1)
     eps, rows = lib("eps_fn")(d["unet"].eval().requires_grad_(False)), []
+    t0 = time.perf_counter()
+    scheds = {v: sampler_scheduler(v, d["scheduler"], eps, lib("to_model_range")(torch.as_tensor(real)), steps, n_mc=n_mc, seed=seed)
+              for v in ALL_VARIANCES}
+    gamma_s = time.perf_counter() - t0
     for k in steps:
-        for var in VARIANCES:
+        for var in ALL_VARIANCES:
             t0 = time.perf_counter()
             with torch.no_grad():
-                x = lib("plain_samples")(eps, with_variance(d["scheduler"], var), n, (1, 32, 32), num_steps=k, seed=seed, progress=False)
+                x = lib("plain_samples")(eps, scheds[var], n, (1, 32, 32), num_steps=k, seed=seed, progress=False)
             dt = time.perf_counter() - t0
             x01 = lib("from_model_range")(x.float()).numpy()
             q = lib("ellipse_quality")(x01, real)
@@ -236,10 +301,12 @@ def ellipse_variance(cache_dir, n, steps, seed):
             rows.append(dict(variance=var, steps=k, n=n, seconds=dt, img_std_mean=float(sd.mean()), img_std_sd=float(sd.std()),
                              **{kk: q[kk] for kk in ("frac_single_ellipse", "frac_empty", "ks_log_ar", "ks_size", "size_mean", "size_mean_real")}))
     return dict(rows=rows, real_img_std_mean=float(real_std.mean()), real_img_std_sd=float(real_std.std()), model=str(d["path"]),
+                gamma_n_mc=n_mc, gamma_s=gamma_s, gamma={str(t): v for t, v in scheds["analytic"].gamma.items()},
                 note=f"Quick ellipse DDPM loaded from the cache ({Path(d['path']).parent.name}, never trained here); {n} unguided samples per row "
                      f"from the same per-sample noise streams (`plain_samples`, seed {seed}); the model's scheduler (clip_sample="
                      f"{d['scheduler'].config.clip_sample}) with variance_type switched; per-image std of the [0, 1] intensities vs the first "
-                     "2,000 training images; clean = `ellipse_quality`'s share of single ellipses.")
+                     "2,000 training images; clean = `ellipse_quality`'s share of single ellipses. analytic: Γ_t from "
+                     f"{n_mc} noised training images per timestep ({gamma_s:.0f} s).")
 
 # ---------------------------------------------------------------- report
 def _sha():
@@ -271,16 +338,17 @@ def markdown(R):
         L += ["## (b) Algorithmic gain at equal accuracy (exact Gaussian ε-model)", "",
               f"{B['samples_per_setting']} samples per setting; chain at ρ·steps = {B['toy']['drift']} over {B['toy']['chain']} steps; "
               f"cheaper settings {B['toy']['rhos']} with the package's reverse variance (fixed_small, σ_t² = β̃_t) and "
-              f"{B['toy']['rhos_large']} with fixed_large (σ_t² = β_t); studies {B['study_wall_s']:.1f} s + {B['study_wall_s_large']:.1f} s.", "",
+              f"{B['toy']['rhos_large']} with fixed_large (σ_t² = β_t) and with analytic (Analytic-DPM's σ*², Bao et al. 2022, Γ_t by Monte "
+              "Carlo over the data); studies " + ", ".join(f"{v} {w:.1f} s" for v, w in B["study_wall_s"].items()) + ".", "",
               "Convergence chain, fixed_small (picks the reference):", "",
               "| steps | ρ | err | accept | score [95% CI] | still moving | narrow |", "|---|---|---|---|---|---|---|"]
         row = lambda c: (f"| {c['steps']} | {c['rho']:g} | {c['err']:.4f} | {c['accept']:.3f} | {c['score']:.3f} [{c['score_lo']:.3f}, "
                          f"{c['score_hi']:.3f}] | {c['still_moving']} | {c['narrow']} |")
         L += [row(c) for c in B["chain"]]
-        if B.get("chain_large"):
-            L += ["", "The same chain with fixed_large (a check only: the reference is the fixed_small one):", "",
+        for v, ch in B.get("chain_other", {}).items():
+            L += ["", f"The same chain with {v} (a check only: the reference is the fixed_small one):", "",
                   "| steps | ρ | err | accept | score [95% CI] | still moving | narrow |", "|---|---|---|---|---|---|---|"]
-            L += [row(c) for c in B["chain_large"]]
+            L += [row(c) for c in ch]
         if B.get("matches"):
             L += ["", f"Against the converged reference ({B['reference']['steps']} steps, ρ {B['reference']['rho']}, fixed_small; score "
                       f"{B['reference']['score']:.3f}); ok = score shown equal within ±0.1 (90% CI of Δ inside) and error, acceptance, clean "
@@ -298,7 +366,7 @@ def markdown(R):
                       "pixels pooled; 1.000 = no contraction):", "",
                   "| data std s | variance | " + " | ".join(f"{k} steps" for k in steps) + " |", "|---|---|" + "---|"*len(steps)]
             for s_ in sorted({c["data_std"] for c in C}, reverse=True):
-                for var in VARIANCES:
+                for var in ALL_VARIANCES:
                     by = {c["steps"]: c["ratio"] for c in C if c["data_std"] == s_ and c["variance"] == var}
                     L.append(f"| {s_:g} | {var} | " + " | ".join(f"{by[k]:.3f}" for k in steps) + " |")
         L.append("")
@@ -369,8 +437,9 @@ def main(argv=None):
                                f"cheapest passing {v['steps']} steps ρ {v['rho']} ({B['reference']['steps']/v['steps']:.0f}× fewer ε-evaluations)"))
         C = B["contraction"]; by = lambda var, k, s_: next(c["ratio"] for c in C if c["variance"] == var and c["steps"] == k and c["data_std"] == s_)
         s0, ks = max(c["data_std"] for c in C), sorted({c["steps"] for c in C})
-        summary.append(f"- unguided sample std / data std (exact ε-model, data std {s0:g}) at {'/'.join(map(str, ks))} steps: fixed_small "
-                       + "/".join(f"{by('fixed_small', k, s0):.3f}" for k in ks) + ", fixed_large " + "/".join(f"{by('fixed_large', k, s0):.3f}" for k in ks))
+        for s_ in sorted({c["data_std"] for c in C}, reverse=True):
+            summary.append(f"- unguided sample std / data std (exact ε-model, data std {s_:g}) at {'/'.join(map(str, ks))} steps: "
+                           + "; ".join(f"{v} " + "/".join(f"{by(v, k, s_):.3f}" for k in ks) for v in ALL_VARIANCES))
         summary.append("- (b) on the trained ellipse DDPM needs the GPU campaign (tools/gpu_campaign.py): not measured here")
     if a.ellipse_cache:
         try: R["ellipse_variance"] = E = ellipse_variance(a.ellipse_cache, a.ellipse_n, a.ellipse_steps, a.seed)
@@ -379,8 +448,8 @@ def main(argv=None):
             for k in a.ellipse_steps:
                 r = {x["variance"]: x for x in E["rows"] if x["steps"] == k}
                 summary.append(f"- (c) quick ellipse DDPM, {k} unguided steps, {a.ellipse_n} samples: clean single ellipses "
-                               + ", ".join(f"{v} {r[v]['frac_single_ellipse']:.3f}" for v in VARIANCES) + "; per-image std "
-                               + ", ".join(f"{v} {r[v]['img_std_mean']:.4f}" for v in VARIANCES) + f" (data {E['real_img_std_mean']:.4f})")
+                               + ", ".join(f"{v} {r[v]['frac_single_ellipse']:.3f}" for v in r) + "; per-image std "
+                               + ", ".join(f"{v} {r[v]['img_std_mean']:.4f}" for v in r) + f" (data {E['real_img_std_mean']:.4f})")
     R["summary"] = summary
     out.mkdir(parents=True, exist_ok=True)
     (out/"bench_sampling.json").write_text(json.dumps(R, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o)) + "\n")

@@ -54,11 +54,27 @@ def test_bench_sampling_smoke(tmp_path):
     assert json.loads((tmp_path/"bench_sampling.json").read_text())["threads"] == 1
     import pandas as pd
     st = pd.read_csv(tmp_path/"bench_sampling.csv")                    # both variances' studies, same grid sizes as configured
-    assert set(st["variance"]) == set(bs.VARIANCES) and (st["variance"] == "fixed_large").sum() >= len(bs.SMOKE_TOY["rhos_large"])
+    assert set(st["variance"]) == set(bs.ALL_VARIANCES) and (st["variance"] == "fixed_large").sum() >= len(bs.SMOKE_TOY["rhos_large"])
     C = {(c["variance"], c["steps"]): c["ratio"] for c in B["contraction"] if c["data_std"] == 1.0}
     k = min(s for _, s in C)                                             # exact ε-model: at few steps β̃_t contracts, β_t does not
     assert C[("fixed_small", k)] < 0.8 and abs(C[("fixed_large", k)] - 1) < 0.05
     assert abs(C[("fixed_small", max(s for _, s in C))] - 1) < abs(C[("fixed_small", k)] - 1)   # and the contraction shrinks with steps
+    H = {(c["variance"], c["steps"]): c["ratio"] for c in B["contraction"] if c["data_std"] == 0.5}
+    assert H[("fixed_large", k)] > 1.2 and abs(H[("analytic", k)] - 1) < 0.1   # β_t over-disperses narrower data; Analytic-DPM does not
+
+def test_estimate_gamma_closed_form():
+    "Γ_t = E‖ε‖²/d of the exact ε-model of N(0, s² I) data is (1 − ᾱ_t)/(ᾱ_t s² + 1 − ᾱ_t)."
+    base = bs.lib("make_scheduler")(clip_sample=False); s = 0.5
+    x0 = s*torch.randn((2048, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    G = bs.estimate_gamma(bs.lib("gaussian_eps")(base, 0.0, s), base, x0, [5, 100, 400], n_mc=2048)
+    ab = base.alphas_cumprod.double()
+    for t, v in G.items(): assert v == pytest.approx(float((1 - ab[t])/(ab[t]*s**2 + 1 - ab[t])), rel=0.03)
+    S = bs.sampler_scheduler("analytic", base, bs.lib("gaussian_eps")(base, 0.0, s), x0, [10], n_mc=2048)
+    S.set_timesteps(10)
+    for t in S.timesteps[:-1]:   # the exact optimum for N(0, s² I) data: β̃ + c0²·Var(x0 | x_t), Var(x0 | x_t) = s²(1 − ᾱ_t)/(ᾱ_t s² + 1 − ᾱ_t)
+        a, p = ab[int(t)], ab[int(S.previous_timestep(t))]; b = 1 - a/p
+        exact = (1 - p)/(1 - a)*b + (p.sqrt()*b/(1 - a))**2*s**2*(1 - a)/(a*s**2 + 1 - a)
+        assert float(S._get_variance(t)) == pytest.approx(float(exact), rel=0.02)
 
 def test_bench_sampling_keeps_a_with_its_commit(tmp_path):
     R0 = bs.main(["--smoke", "--skip", "b", "--out", str(tmp_path)])
