@@ -142,6 +142,7 @@ def estimate_gamma(eps, # eps(x_t, t)
                    ts, # timesteps to estimate Γ_t at
                    n_mc: int = 256, # Monte Carlo draws (data × noise) per timestep
                    seed: int = 0, batch: int = 256,
+                   device=None, # where eps runs (default: CPU)
                   ) -> dict: # {t: Γ_t = E‖ε(x_t, t)‖²/d}
     "Analytic-DPM's Monte Carlo moment Γ_t of the ε-model over noised data."
     g = torch.Generator().manual_seed(seed); ab = sched.alphas_cumprod; out = {}
@@ -152,21 +153,21 @@ def estimate_gamma(eps, # eps(x_t, t)
             m = min(batch, n_mc - i)
             x = x0[torch.randint(len(x0), (m,), generator=g)]; z = torch.randn(x.shape, generator=g)
             xt = ab[t].sqrt()*x + (1 - ab[t]).sqrt()*z
-            with torch.no_grad(): acc += float(eps(xt, torch.full((m,), t, dtype=torch.long)).float().pow(2).sum())
+            with torch.no_grad(): acc += float(eps(xt.to(device), torch.full((m,), t, dtype=torch.long, device=device)).float().pow(2).sum())
         out[t] = acc/(n_mc*x0[0].numel())
     return out
 
 def sampler_scheduler(variance, # one of ALL_VARIANCES
                       sched, # the model's scheduler (its config is kept)
                       eps=None, x0=None, steps=(), # "analytic": ε-model, data (model range) and the step counts to estimate Γ for
-                      n_mc: int = 256, seed: int = 0):
+                      n_mc: int = 256, seed: int = 0, device=None):
     "`sched` with the given reverse variance; for 'analytic', Γ_t estimated at every timestep of `steps`' respaced grids."
     if variance in VARIANCES: return with_variance(sched, variance)
     if variance != "analytic": raise ValueError(f"`variance` must be one of {ALL_VARIANCES}, got {variance!r}")
     S = _analytic_class().from_config(sched.config, variance_type="fixed_small")
     ts = [int(t) for k in steps for t in lib("respaced")(S, int(k)).timesteps]
-    S.gamma = estimate_gamma(eps, S, x0, ts, n_mc, seed)
-    S.register_to_config(analytic_gamma=lib("config_hash")({str(k): round(v, 6) for k, v in S.gamma.items()}))   # keys caches on Γ
+    S.gamma = estimate_gamma(eps, S, x0, ts, n_mc, seed, device=device)
+    S.register_to_config(analytic_gamma=lib("config_hash")({str(k): round(v, 4) for k, v in S.gamma.items()}))   # keys caches on Γ
     return S
 
 def contraction(C, seed):

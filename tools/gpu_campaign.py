@@ -19,7 +19,9 @@ and resumes unfinished ones from their checkpoints / per-setting / per-target fi
                   lasts; `converged_reference` + `few_step_matches` (two-sided) pick the validated sampler. The chain
                   (the reference) uses the package's reverse variance (diffusers "fixed_small", σ_t² = β̃_t); the cheaper
                   settings are tried with it and with "fixed_large" (σ_t² = β_t, Ho et al. 2020 §3.2), since few
-                  respaced β̃_t steps contract the samples (bench/bench_sampling.py measures it on an exact ε-model);
+                  respaced β̃_t steps contract the samples (bench/bench_sampling.py measures it on an exact ε-model),
+                  and with Analytic-DPM's estimated optimal variance (Bao et al. 2022; β_t over-disperses data narrower
+                  than N(0, I));
                   the cheapest passing setting of either variance is validated, and Table 1 samples with its variance.
 7. `table1`       Table 1 (global score of the classifier for the aspect ratio and the size) at the paper's recipe of
                   200 samples per target and the library's paper profile's target count (every test value, 2,000),
@@ -52,23 +54,26 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT/"bench"))
 from compute_model import H200_BF16_DENSE, eps_train_step, guided_step, lib, unet2d_call, _Clamp01   # FLOP counts; library names wherever they live
-from bench_sampling import VARIANCES, with_variance, matches_by_variance   # reverse variance as a sampler-study axis (one fixed_small reference)
+from bench_sampling import ALL_VARIANCES, sampler_scheduler, matches_by_variance   # reverse variance as a sampler-study axis (one fixed_small reference)
 
 SIZES = {
     # data: images; clf_profile: `ELLIPSE_PROFILES` recipe of the Table 6 CNNs; unet: `make_unet2d` profile; train_*: DDPM recipe
     # for the budget; study: sampler study (targets, samples, chain at drift ρ·steps, cheaper settings); table1: targets (None:
     # every test value, the library's paper profile), samples per target, targets per batch; cheap_large: the cheaper settings
-    # again with the reverse variance σ_t² = β_t (diffusers "fixed_large") instead of the package's β̃_t ("fixed_small")
+    # again with the reverse variance σ_t² = β_t (diffusers "fixed_large") instead of the package's β̃_t ("fixed_small"); cheap_analytic:
+    # with Analytic-DPM's variance (Bao et al. 2022), Γ_t from n_mc noised training images per timestep
     "smoke": dict(n_data=400, clf_profile="smoke", unet="tiny", batch=8, lr=2e-3, warmup=1, calib_steps=3, ckpt_every=3,
                   max_steps=6, train_share=0.25, n_quality=8, quality_steps=5,
-                  study=dict(n_targets=2, n=4, drift=2.0, chain=(4, 8), cheap={2: [0.5]}, cheap_large={2: [0.5]}, n_boot=100, share=0.25),
+                  study=dict(n_targets=2, n=4, drift=2.0, chain=(4, 8), cheap={2: [0.5]}, cheap_large={2: [0.5]}, cheap_analytic={2: [0.5]},
+                             n_mc=8, n_boot=100, share=0.25),
                   table1=dict(n_targets=4, n=3, targets_per_batch=2, shards=2, n_boot=100, steps=4, y="probability", tol=1e6),
                   budget=120.0),
     "full": dict(n_data=10_000, clf_profile="quick", unet="ellipse", batch=128, lr=2e-4, warmup=100, calib_steps=200,
                  ckpt_every=500, max_steps=200_000, train_share=0.40, n_quality=512, quality_steps=100,
                  study=dict(n_targets=6, n=128, drift=100.0, chain=(250, 500, 1000, 2000),
                             cheap={25: [0.4, 0.8], 50: [0.2, 0.4], 100: [0.1, 0.2]},
-                            cheap_large={25: [0.4, 0.8], 50: [0.2, 0.4], 100: [0.1, 0.2]}, n_boot=2000, share=0.15),
+                            cheap_large={25: [0.4, 0.8], 50: [0.2, 0.4], 100: [0.1, 0.2]},
+                            cheap_analytic={25: [0.4, 0.8], 50: [0.2, 0.4], 100: [0.1, 0.2]}, n_mc=256, n_boot=2000, share=0.15),
                  table1=dict(n_targets=None, n=200, targets_per_batch=8, shards=40, n_boot=5000, steps=None, y="decision", tol=0.3),
                  budget=480.0),   # 8 minutes from the first stage: with the wheel install and imports, the command ends inside 9
 }
@@ -211,10 +216,14 @@ def stage_study(S, C, cache, seed, dev):
     chain = lib("convergence_chain")(T["drift"], T["chain"])
     ch_ = [("fixed_small", k, r) for k in sorted(chain) for r in chain[k]]   # the chain's longest setting last: the others can already decide
     cheap = [("fixed_small", k, r) for k in sorted(T["cheap"]) for r in T["cheap"][k]]
-    cheap += [("fixed_large", k, r) for k in sorted(T.get("cheap_large", {})) for r in T["cheap_large"][k]]
+    for v in ALL_VARIANCES[1:]:
+        key = "cheap_" + v.replace("fixed_", "")
+        cheap += [(v, k, r) for k in sorted(T.get(key, {})) for r in T[key][k]]
     grid = ch_[:-1] + cheap + ch_[-1:]
-    scheds = {v: with_variance(sched, v) for v in VARIANCES}
-    kws = {v: dict(kw, out_dir=C.out/"cache"/("sampler_study" if v == "fixed_small" else f"sampler_study-{v}")) for v in VARIANCES}
+    x0 = lib("to_model_range")(torch.as_tensor(data["images"]))   # the images the DDPM was trained on
+    scheds = {v: sampler_scheduler(v, sched, unet_eps(unet), x0, sorted({k for w, k, _ in grid if w == v}), n_mc=T.get("n_mc", 256),
+                                   seed=seed, device=dev) for v in ALL_VARIANCES if any(w == v for w, _, _ in grid)}
+    kws = {v: dict(kw, out_dir=C.out/"cache"/("sampler_study" if v == "fixed_small" else f"sampler_study-{v}")) for v in scheds}
     stop = C.elapsed() + T["share"]*C.budget
     done = []
     for var, k, r in grid:   # one setting at a time (each cached), while the study's share of the budget lasts
@@ -225,7 +234,7 @@ def stage_study(S, C, cache, seed, dev):
         log(f"  study setting {var} {k} steps rho {r:g}: {done[-1]['seconds']:.1f} s")
     import pandas as pd
     parts = {}
-    for var in VARIANCES:   # reload every finished setting of each variance (cached: no sampling)
+    for var in scheds:   # reload every finished setting of each variance (cached: no sampling)
         have = {}
         for d in done:
             if d["variance"] == var: have.setdefault(d["steps"], []).append(d["rho"])
@@ -238,7 +247,7 @@ def stage_study(S, C, cache, seed, dev):
     ref, ch = lib("converged_reference")(small, T["drift"], chain_steps=T["chain"]) if len(small) else (None, small)
     res = dict(targets=targets.tolist(), n=T["n"], sigma_v=sigma_v, settings_done=done, settings_planned=len(grid),
                reference=None if ref is None else dict(steps=int(small.loc[ref, "steps"]), rho=small.loc[ref, "rho_pieces"], variance="fixed_small"),
-               validated=None, validated_by_variance={v: None for v in VARIANCES}, chain=ch.to_dict("records"))
+               validated=None, validated_by_variance={v: None for v in scheds}, chain=ch.to_dict("records"))
     if ref is not None:   # one fixed_small reference; each variance's cheaper settings checked two-sidedly against it
         m, by, best = matches_by_variance(parts, ref)
         res["matches"] = m.to_dict("records")
@@ -258,7 +267,10 @@ def stage_table1(S, C, cache, seed, dev):
     val = st and st.get("validated")
     sp = (dict(num_steps=val["num_steps"], rho=val["rho"], variance=val.get("variance", "fixed_small"), validated=True) if val
           else dict(lib("SAMPLER_PROFILES")["quick"], variance="fixed_small", validated=False))
-    sched = with_variance(sched, sp["variance"])   # the validated setting's reverse variance
+    if sp["variance"] != "fixed_small":   # the validated setting's reverse variance (analytic: Γ_t for its steps, as in the study)
+        data = lib("make_ellipses")(S["n_data"], seed=seed, cache_dir=cache)
+        x0 = lib("to_model_range")(torch.as_tensor(data["images"]))   # the images the DDPM was trained on
+        sched = sampler_scheduler(sp["variance"], sched, unet_eps(unet), x0, [sp["num_steps"]], n_mc=S["study"].get("n_mc", 256), seed=seed, device=dev)
     if isinstance(sp["rho"], dict): sp["rho"] = {int(k): float(v) for k, v in sp["rho"].items()}   # pieces read back from JSON: int keys
     if T["steps"] is not None and not val: sp["num_steps"] = T["steps"]   # smoke: fewer steps still
     data = lib("make_ellipses")(S["n_data"], seed=seed, cache_dir=cache); test = lib("split_indices")(S["n_data"], seed=seed)["test"]
