@@ -100,7 +100,7 @@ def engineering(a, device):
                 n_per_target=a.n, samples=N, steps=a.steps, rho=a.rho, gflop_per_sample_step=step_flops/1e9, modes=out)
 
 # ---------------------------------------------------------------- (b) algorithmic gain at equal accuracy
-TOY = dict(std=0.5, size=8, top_rows=4, n_targets=6, n=256, drift=10.0, chain=(50, 100, 200, 400),
+TOY = dict(std=0.5, size=8, top_rows=4, n_targets=6, n=256, drift=10.0, chain=(50, 100, 200, 400, 1000),
            steps=(5, 10, 25, 50), n_boot=1000,
            rhos={5: [1.0], 10: [0.0, 0.5, {0: 0.1, 100: 1.0}], 25: [0.4, {0: 0.1, 100: 0.8}, {0: 0.2, 200: 0.8}],
                  50: [0.3, {0: 0.1, 100: 0.4}]},   # constant ρ and two-piece ρ (large early, Table 9's 0.1 late), as chapter 03 tries
