@@ -30,6 +30,9 @@ PROFILE = {"regression_figure4.ipynb": "paper"}   # its quick profile runs on sq
 #   DIFFEXPLAIN_TEST_PARTIAL=1 DIFFEXPLAIN_TEST_CACHE=cache pytest tests/test_missing_data.py
 PARTIAL = {"table8.ipynb", "figure15.ipynb", "regression_figure2.ipynb"}
 NEEDS_CACHE = {"regression_figure2.ipynb"}   # ... and a cache holding the quick square models (DIFFEXPLAIN_TEST_CACHE)
+# Full stops that first run a data-free known-answer check and keep its table (table2: the phantom toy, ~20 s, no training)
+DATA_FREE = {"table2.ipynb": ["table2_known_answer.csv", "table2_known_answer.md", "table2_known_answer_plain.csv",
+                              "table2_known_answer_plain.md"]}
 
 
 def _skip_reason(nb):
@@ -112,7 +115,7 @@ def test_missing_data_exits_nonzero(nb, runs):
     assert "data_dir" in r["message"] or "/data/" in r["message"], r["message"]    # the expected files are listed
     if nb in PARTIAL: assert len(r["files"]) > 1, f"{nb} should write what needs no data before it stops: {r['files']}"
     else:                                                    # a full stop happens before any training or result
-        assert r["files"] == ["run.json"] and r["cache"] == [], (r["files"], r["cache"][:5])
+        assert r["files"] == sorted(["run.json", *DATA_FREE.get(nb, [])]) and r["cache"] == [], (r["files"], r["cache"][:5])
 
 
 @pytest.mark.parametrize("nb", sorted(set(NOTEBOOKS) - PARTIAL))
@@ -120,7 +123,8 @@ def test_allow_missing_records_and_exits_zero(nb, runs):
     "With allow_missing=True the same stop is recorded, every cell after it is skipped, and the run ends without error."
     r = runs[f"{nb}:True"]
     assert r["exc"] is None, r["msg"][-2000:]
-    assert r["status"] == "missing data" and r["params"]["allow_missing"] is True and r["files"] == ["run.json"]
+    assert r["status"] == "missing data" and r["params"]["allow_missing"] is True
+    assert r["files"] == sorted(["run.json", *DATA_FREE.get(nb, [])]), r["files"]
 
 
 def test_papermill_cli_exit_status(tmp_path):
