@@ -556,8 +556,9 @@ def converged_reference(study, # DataFrame from `sampling_study` holding a `conv
                         err_tol: float = 0.1, # ... and |Δerr| ≤ err_tol·σ_V (a third of the 0.3 σ_V rejection half-width)
                         max_half_width: float = 0.05, # the reference's score interval must be at most this wide (each side)
                        ): # (index of the reference row or None, the chain with its moves and verdicts)
-    """The first setting of the chain whose score and constraint error no longer move from the previous one, if its
-    score interval is narrow; None when the chain has fewer than two settings, never stops moving, or stops too wide."""
+    """The first setting of the chain whose score and constraint error no longer move from the previous one *and stay
+    within the same tolerances of it for the rest of the chain*, if its score interval is narrow; None when the chain
+    has fewer than two settings, never settles, or settles too wide."""
     if not drift > 0: raise ValueError(f"`drift` must be > 0, got {drift!r}")
     chain = _chain_rows(study, drift, chain_steps).copy()
     if len(chain) < 2: return None, chain.assign(still_moving=True, narrow=False, reference=False)
@@ -567,7 +568,10 @@ def converged_reference(study, # DataFrame from `sampling_study` holding a `conv
     chain["still_moving"] = (d_score > score_tol) | (d_err > err_tol) # vs the previous (fewer-steps) setting; NaN first row
     chain["narrow"] = chain.apply(_half_width, axis=1) <= max_half_width
     chain.loc[chain.index[0], "still_moving"] = True
-    stable = chain.index[~chain["still_moving"]]
+    sc, er = chain["score"].to_numpy(float), (chain["err"]/chain["sigma_v"]).to_numpy(float)
+    chain["stays"] = [bool((np.abs(sc[k + 1:] - sc[k]) <= score_tol).all() and (np.abs(er[k + 1:] - er[k]) <= err_tol).all())
+                      for k in range(len(chain))]   # no longer setting of the chain moves away from it
+    stable = chain.index[~chain["still_moving"].astype(bool) & chain["stays"]]
     ref = stable[0] if len(stable) else None
     chain["reference"] = chain.index == ref
     return (ref if ref is not None and chain.loc[ref, "narrow"] else None), chain
