@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_brain_study.ipynb #6d08c507
 from __future__ import annotations
-import json, math, time
+import json, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -531,16 +531,9 @@ def hippocampus_sweep(lm: LatentModel, # latent diffusion model (or anything wit
     return out
 
 # %% ../nbs/09_brain_study.ipynb #6797a112
-def sweep_scores(sweep: dict, # volume or hippocampus sweep with `y` (logits), `group`, `accepted`, `target`
-                 cls, # (m,) diagnosis of each target (indexed by group id)
-                 bins: int|None = None, # quantile-bin the targets for the local scores (None: one group per target)
-                 weights: str = "equal", # weight of each target in all three scores: "equal" or "frequency" (accepted counts)
-                 var_y: str = "balanced", # denominator of the headline balanced score: "balanced" or "pooled" Var(Y)
-                ) -> dict: # balanced, glob, local (DataFrame), readings (DataFrame), y_kind, used, acceptance, n, n_groups
-    "Class-balanced global score (paper Table 2), plain global and local scores of one sweep."
+def _sweep_decisions(sweep, cls):
+    "The samples a sweep is scored on (accepted ones if every class keeps two targets, else all) and their Y: decisions, or probabilities when the decisions are constant."
     y, grp = np.asarray(sweep["y"], np.float64), np.asarray(sweep["group"], np.int64)
-    if weights not in ("equal", "frequency"): raise ValueError(f'`weights` must be "equal" or "frequency", got {weights!r}')
-    if var_y not in ("balanced", "pooled"): raise ValueError(f'`var_y` must be "balanced" or "pooled", got {var_y!r}')
     if np.isnan(y).any(): raise ValueError("`sweep['y']` has NaN: the sweep was run without the classifier")
     cls = np.asarray(cls); acc = np.asarray(sweep.get("accepted", np.ones(len(y), bool)), bool)
     if grp.max() >= len(cls): raise ValueError(f"`cls` must give the class of every target (group ids up to {grp.max()}), got {len(cls)}")
@@ -550,7 +543,19 @@ def sweep_scores(sweep: dict, # volume or hippocampus sweep with `y` (logits), `
     sel = acc if used == "accepted" else np.ones(len(y), bool)
     d = (y[sel] > 0).astype(np.float64)
     y_kind = "decision" if d.min() != d.max() else "probability"
-    yy = d if y_kind == "decision" else 1/(1 + np.exp(-y[sel]))
+    return (d if y_kind == "decision" else 1/(1 + np.exp(-y[sel]))), sel, c, acc, used, y_kind
+
+def sweep_scores(sweep: dict, # volume or hippocampus sweep with `y` (logits), `group`, `accepted`, `target`
+                 cls, # (m,) diagnosis of each target (indexed by group id)
+                 bins: int|None = None, # quantile-bin the targets for the local scores (None: one group per target)
+                 weights: str = "equal", # weight of each target in all three scores: "equal" or "frequency" (accepted counts)
+                 var_y: str = "balanced", # denominator of the headline balanced score: "balanced" or "pooled" Var(Y)
+                ) -> dict: # balanced, glob, local (DataFrame), readings (DataFrame), y_kind, used, acceptance, n, n_groups
+    "Class-balanced global score (paper Table 2), plain global and local scores of one sweep."
+    grp = np.asarray(sweep["group"], np.int64)
+    if weights not in ("equal", "frequency"): raise ValueError(f'`weights` must be "equal" or "frequency", got {weights!r}')
+    if var_y not in ("balanced", "pooled"): raise ValueError(f'`var_y` must be "balanced" or "pooled", got {var_y!r}')
+    yy, sel, c, acc, used, y_kind = _sweep_decisions(sweep, cls)
     v = np.asarray(sweep["target"], np.float64)[sel]
     readings = pd.DataFrame([dict(weights=w, var_y=d, balanced=balanced_global_score(yy, grp[sel], c[sel], weights=w, var_y=d))
                              for w in ("equal", "frequency") for d in ("balanced", "pooled")])
@@ -633,16 +638,8 @@ def sweep_bootstrap(sweep: dict, # volume or hippocampus sweep (as `sweep_scores
                     seed: int = 0, # resampling seed
                    ) -> dict: # bootstrap (BalancedBootstrapScores; local scores per target), y_kind, used, n, n_groups
     "Table 4(b): bootstrap of one sweep's balanced, plain global and local scores, resampling within targets, on `sweep_scores`' samples and decisions."
-    y, grp = np.asarray(sweep["y"], np.float64), np.asarray(sweep["group"], np.int64)
-    if np.isnan(y).any(): raise ValueError("`sweep['y']` has NaN: the sweep was run without the classifier")
-    cls = np.asarray(cls); acc = np.asarray(sweep.get("accepted", np.ones(len(y), bool)), bool)
-    if grp.max() >= len(cls): raise ValueError(f"`cls` must give the class of every target (group ids up to {grp.max()}), got {len(cls)}")
-    c = cls[grp]
-    enough = all(len(np.unique(grp[acc & (c == k)])) >= 2 for k in np.unique(cls)) and len(np.unique(c[acc])) == len(np.unique(cls))
-    used = "accepted" if enough else "all"; sel = acc if enough else np.ones(len(y), bool)   # as `sweep_scores`
-    d = (y[sel] > 0).astype(np.float64)
-    y_kind = "decision" if d.min() != d.max() else "probability"
-    yy = d if y_kind == "decision" else 1/(1 + np.exp(-y[sel]))
+    yy, sel, c, _, used, y_kind = _sweep_decisions(sweep, cls)   # the samples and Y `sweep_scores` uses
+    grp = np.asarray(sweep["group"], np.int64)
     b = bootstrap_balanced_score(yy, grp[sel], c[sel], n_boot=n_boot, weights=weights, var_y=var_y, seed=seed)
     return dict(bootstrap=b, y_kind=y_kind, used=used, n=int(sel.sum()), n_groups=int(len(np.unique(grp[sel]))))
 
@@ -671,8 +668,6 @@ def label_sweep_variances(p, # (m,) P(Y = 1) at each target (the label model's `
 # %% ../nbs/09_brain_study.ipynb #7c1e0a02
 _OCTANTS = [(a, b, c) for c in (0, 1) for b in (0, 1) for a in (0, 1)]   # latent cell (d, h, w) of each octant
 
-def _phi(z): return 0.5*(1 + torch.erf(z/math.sqrt(2)))
-
 def _interp(x, xp, fp):
     "Piecewise-linear interpolation of increasing `xp` (torch, no gradient needed)."
     i = torch.searchsorted(xp, x.clamp(xp[0], xp[-1]).contiguous()).clamp(1, len(xp) - 1)
@@ -700,7 +695,7 @@ class PhantomLatentModel:
     def device(self): return torch.device("cpu")
     def latent_shape(self, image_shape: tuple) -> tuple: return (2, 2, 2, 2)
     def to(self, device): return self
-    def _factor(self, z, rng): return rng[0] + (rng[1] - rng[0])*_phi(z)       # N(0, 1) -> Uniform(rng)
+    def _factor(self, z, rng): return rng[0] + (rng[1] - rng[0])*torch.special.ndtr(z)       # N(0, 1) -> Uniform(rng)
     def _blob(self, centre, radii):
         X, Y, Z = self._grid; r = [torch.as_tensor(a).reshape(-1, 1, 1, 1) for a in radii]
         q = ((X - centre[0])/r[0])**2 + ((Y - centre[1])/r[1])**2 + ((Z - centre[2])/r[2])**2
@@ -714,7 +709,7 @@ class PhantomLatentModel:
     def factors(self, z) -> dict: # (n, 2, 2, 2, 2) latents -> scale, eta, ventricle (n,) each
         z = torch.as_tensor(z).float()
         return dict(scale=self._factor(z[:, 0, 0, 0, 0], self.s_range),
-                    eta=torch.logit(_phi(z[:, 1, 0, 0, 0]).clamp(1e-7, 1 - 1e-7)),   # Logistic(0, 1)
+                    eta=torch.logit(torch.special.ndtr(z[:, 1, 0, 0, 0]).clamp(1e-7, 1 - 1e-7)),   # Logistic(0, 1)
                     ventricle=self._factor(z[:, 0, 1, 0, 0], self.r_range))
     def decode(self, z): # (n, 2, 2, 2, 2) latents -> (n, 1, size, size, size) volumes in [-1, 1], differentiable
         f, n, h = self.factors(z), len(z), self.h
@@ -791,7 +786,6 @@ def phantom_toy_study(out_dir: str|Path, # folder of the toy's sweeps (resumable
     if not isinstance(balanced, bool): raise TypeError(f"`balanced` must be a bool, got {type(balanced).__name__}")
     tg = balanced_targets(c, n_targets, seed) if balanced else np.arange(n_targets)   # z is a random draw already
     p = phantom_ad_probability(f["scale"].numpy()[tg])       # P(AD | the target's hippocampus): η stays free
-    pbar = float(phantom_ad_probability(f["scale"].numpy()).mean())
     truth = {"volume": _balanced_moments(c[tg], p, p*(1 - p)), "other": 0.0}
     truth_pooled = {"volume": _balanced_moments(c[tg], p, p*(1 - p), "pooled"), "other": 0.0}
     pop = phantom_true_scores(seed=seed).label
